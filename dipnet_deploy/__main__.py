@@ -1,0 +1,3 @@
+from dipnet_deploy.cli import run
+
+run()

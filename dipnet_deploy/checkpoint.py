@@ -1,0 +1,152 @@
+"""Stage 1: checkpoint -> folded (deploy-form) DIPNet.
+
+Accepts raw state dicts, BasicSR checkpoints (``params_ema`` preferred over ``params``),
+``module.`` prefixes, deploy or training form. The variant is inferred from keys and shapes;
+a preset and explicit overrides take precedence, and the file must then fit them exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dipnet_deploy.archs.dipnet_arch import DIPNet
+from dipnet_deploy.archs.dipnet_train_arch import build_train_model, fold_state_dict, is_training_form
+from dipnet_deploy.config import PRESETS, DIPNetConfig
+from dipnet_deploy.errors import InputError
+
+BASICSR_KEYS = ("params_ema", "params", "state_dict", "model")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model: DIPNet  # deploy form, eval mode
+    config: DIPNetConfig
+    training_form: bool
+    source: str  # which entry of the file held the weights
+    sha256: str
+    fold_max_abs_diff: float | None = None  # filled by verify_fold when training form
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Load the weights of a checkpoint file; return them and the entry they came from."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such checkpoint file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types on foreign or damaged files
+
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise InputError(path, f"not a PyTorch checkpoint ({first_line[:160]})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"not a state dict (holds a {type(data).__name__})")
+    source = "state_dict"
+    for key in BASICSR_KEYS:
+        if isinstance(data.get(key), dict):
+            data, source = data[key], key
+            break
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise InputError(path, "holds no tensors (not a DIPNet state dict)")
+    stripped = {re.sub(r"^(module\.)+", "", k): v for k, v in tensors.items()}
+    return stripped, source
+
+
+def _require(path: Path, state_dict: dict, key: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise InputError(path, f"missing key {key} (not a DIPNet checkpoint?)")
+    return state_dict[key]
+
+
+def infer_config(state_dict: dict[str, torch.Tensor], path: Path = Path("<state dict>")) -> DIPNetConfig:
+    """Derive channels, scale, ESA and training form from keys and shapes."""
+    feature = _require(path, state_dict, "conv_1.weight").shape[0]
+    training = is_training_form(state_dict)
+    mid_key = "block_1.c1_r_11_m.weight" if training else "block_1.c1_r.weight"
+    mid = _require(path, state_dict, mid_key).shape[0]
+    expansion = state_dict["block_1.c1_r.weight"].shape[0] if training else DIPNetConfig.expansion
+    out_channels = _require(path, state_dict, "upsampler.0.weight").shape[0]
+    upscale = math.isqrt(out_channels // 3)
+    if 3 * upscale * upscale != out_channels:
+        raise InputError(path, f"upsampler.0.weight has {out_channels} output channels, not 3*r*r")
+    blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"block_(\d+)\.", k))}
+    esa = "block_1.esa.conv1.weight" in state_dict
+    esa_channels = state_dict["block_1.esa.conv1.weight"].shape[0] if esa else DIPNetConfig.esa_channels
+    return DIPNetConfig(
+        feature_channels=feature,
+        mid_channels=mid,
+        upscale=upscale,
+        esa=esa,
+        esa_channels=esa_channels,
+        num_blocks=max(blocks) if blocks else 0,
+        expansion=expansion,
+    )
+
+
+def check_state_dict(path: Path, state_dict: dict, expected: dict) -> None:
+    """Refuse the first missing, unexpected or mismatched key, naming both shapes."""
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise InputError(path, f"missing key {key} (expected shape {list(tensor.shape)})")
+        if tuple(state_dict[key].shape) != tuple(tensor.shape):
+            raise InputError(
+                path,
+                f"shape mismatch for {key}: checkpoint {list(state_dict[key].shape)}, model {list(tensor.shape)}",
+            )
+    for key, tensor in state_dict.items():
+        if key not in expected:
+            raise InputError(path, f"unexpected key {key} (shape {list(tensor.shape)})")
+
+
+def resolve_config(state_dict: dict, path: Path, preset: str | None = None, **overrides) -> DIPNetConfig:
+    """Preset (if any) else inferred config, then explicit overrides (None = keep)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise InputError("--preset", f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
+        base = PRESETS[preset]
+        if is_training_form(state_dict) and "block_1.c1_r.weight" in state_dict:
+            base = base.replace(expansion=state_dict["block_1.c1_r.weight"].shape[0])
+    else:
+        base = infer_config(state_dict, path)
+    return base.replace(**overrides)
+
+
+def load_checkpoint(path: str | Path, preset: str | None = None, **overrides) -> LoadedCheckpoint:
+    """Load any accepted checkpoint and return the folded deploy-form model."""
+    path = Path(path)
+    state_dict, source = read_state_dict(path)
+    config = resolve_config(state_dict, path, preset, **overrides)
+    training = is_training_form(state_dict)
+    template = build_train_model(config) if training else DIPNet(config)
+    check_state_dict(path, state_dict, template.state_dict())
+    state_dict = {k: v.float() for k, v in state_dict.items()}
+    model = DIPNet(config)
+    model.load_state_dict(fold_state_dict(state_dict) if training else state_dict, strict=True)
+    loaded = LoadedCheckpoint(path, model.eval(), config, training, source, sha256_file(path))
+    if training:
+        template.load_state_dict(state_dict, strict=True)
+        loaded.fold_max_abs_diff = fold_max_abs_diff(template.eval(), loaded.model)
+    return loaded
+
+
+def fold_max_abs_diff(train_model: torch.nn.Module, deploy_model: torch.nn.Module, size: int = 48) -> float:
+    """max |training form - folded| on a fixed random image in [0, 1]."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, size, size, generator=generator)
+    with torch.no_grad():
+        return float((train_model(x) - deploy_model(x)).abs().max())

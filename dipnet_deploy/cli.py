@@ -1,0 +1,196 @@
+"""The ``dipnet-deploy`` command line. Parses options and calls the stage modules; nothing else."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from dipnet_deploy import __version__
+from dipnet_deploy.config import PRESETS
+from dipnet_deploy.errors import InputError
+
+PACKAGED_WEIGHTS = Path(__file__).parent / "weights" / "dipnet_x2.pth"
+
+
+def fail(message: str) -> None:
+    click.echo(f"dipnet-deploy: error: {message}", err=True)
+    sys.exit(2)
+
+
+def user_errors(command):
+    """Turn InputError into one stderr line and exit code 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            fail(str(error))
+
+    return wrapper
+
+
+def run() -> None:
+    """Console entry point: click usage errors also become one line and exit code 2."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.ClickException as error:
+        fail(error.format_message().replace("\n", " "))
+    except click.exceptions.Abort:
+        fail("aborted")
+
+
+def emit_json(summary: dict) -> None:
+    click.echo(json.dumps(summary, sort_keys=False, default=str))
+
+
+def warn(message: str) -> None:
+    click.echo(message, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="dipnet-deploy")
+def main() -> None:
+    """Fold, export, int8-quantize and evaluate DIPNet super-resolution models.
+
+    The pipeline is a chain of files: checkpoint -> fp32 ONNX (+ model card JSON) ->
+    calibration ranges JSON -> int8 ONNX -> report directory. Run `export`, then `quantize`,
+    then `compare`; each step reads what the previous one wrote.
+    """
+
+
+def _checkpoint_or_default(checkpoint: Path | None) -> Path:
+    if checkpoint is not None:
+        return checkpoint
+    if PACKAGED_WEIGHTS.is_file():
+        return PACKAGED_WEIGHTS
+    raise InputError("--checkpoint", "required (no packaged default weights in this installation)")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False),
+              help="DIPNet weights (.pth): raw state dict or BasicSR checkpoint (params_ema preferred), "
+                   "deploy or training form. Default: the packaged x2 weights.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
+              help="Model variant. Default: inferred from the checkpoint's keys and shapes.")
+@click.option("--feature-channels", type=click.IntRange(1), help="Override the trunk width.")
+@click.option("--mid-channels", type=click.IntRange(1), help="Override the RRFB inner width.")
+@click.option("--upscale", type=click.IntRange(1), help="Override the scale factor.")
+@click.option("--esa/--no-esa", default=None, help="Override whether blocks end with ESA attention.")
+@click.option("--height", type=click.IntRange(1), default=1080, show_default=True,
+              help="Fixed input height (the graph has no dynamic axes).")
+@click.option("--width", type=click.IntRange(1), default=1920, show_default=True, help="Fixed input width.")
+@click.option("--opset", type=click.IntRange(11, 21), default=17, show_default=True, help="ONNX opset.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the .onnx (model card: same name, .json). "
+                   "Default: build/dipnet_x{scale}_{H}x{W}.onnx")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim (keeps shape-computing nodes).")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def export(checkpoint, preset, feature_channels, mid_channels, upscale, esa, height, width, opset, output,
+           no_simplify, as_json):
+    """Fold the checkpoint and export a fixed-shape, simplified, verified fp32 ONNX.
+
+    Steps: load (strict key/shape check) -> fold training-form branches -> ONNX (input
+    `input`, output `output`, 1x3xHxW) -> onnxsim -> onnx.checker -> onnxruntime vs PyTorch
+    on a random image -> model card JSON beside the .onnx.
+    """
+    from dipnet_deploy.checkpoint import load_checkpoint
+    from dipnet_deploy.export import ExportOptions, export as run_export
+
+    loaded = load_checkpoint(_checkpoint_or_default(checkpoint), preset, feature_channels=feature_channels,
+                             mid_channels=mid_channels, upscale=upscale, esa=esa)
+    output = output or Path("build") / f"dipnet_x{loaded.config.upscale}_{height}x{width}.onnx"
+    if loaded.training_form:
+        click.echo(f"folded training-form checkpoint ({loaded.source}); fold max|diff| {loaded.fold_max_abs_diff:.2e}")
+    result = run_export(loaded, output, ExportOptions(height, width, opset, not no_simplify))
+    card = result.card
+    click.echo(f"wrote {result.onnx_path} ({card['params']:,} params, {card['macs']:,} MACs = "
+               f"{card['gflops']} GFLOP at {height}x{width}, ORT vs torch max|diff| {card['ort_max_abs_diff']:.2e})")
+    click.echo(f"wrote {result.card_path}")
+    if as_json:
+        keys = ("onnx", "params", "macs", "gflops", "input_shape", "output_shape", "opset", "fold_max_abs_diff",
+                "ort_max_abs_diff", "onnx_sha256", "seconds")
+        emit_json({k: card[k] for k in keys} | {"card": str(result.card_path), "ops": card["ops"]})
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--height", type=click.IntRange(1), default=1080, show_default=True,
+              help="Input height for a checkpoint's MAC count.")
+@click.option("--width", type=click.IntRange(1), default=1920, show_default=True,
+              help="Input width for a checkpoint's MAC count.")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def info(path, height, width, as_json):
+    """Describe a checkpoint (.pth) or an ONNX model: params, MACs, shapes, ops."""
+    from dipnet_deploy.info import describe
+
+    summary = describe(path, height, width)
+    for key, value in summary.items():
+        click.echo(f"{key:>16}: {value}")
+    if as_json:
+        emit_json(summary)
+
+
+@main.command()
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Directory of HR training images (searched recursively).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="x2", show_default=True, help="Model variant.")
+@click.option("--expansion", type=click.IntRange(1), help="Width E of the training-form 3x3 branch.")
+@click.option("--iters", type=click.IntRange(1), default=30000, show_default=True,
+              help="Total iterations (a resumed run continues up to this count).")
+@click.option("--batch", type=click.IntRange(1), default=16, show_default=True, help="Patches per iteration.")
+@click.option("--patch", type=click.IntRange(2), default=64, show_default=True, help="HR patch side in pixels.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
+              help="Initial Adam learning rate (cosine decay to 1e-6).")
+@click.option("--val", type=click.Path(path_type=Path), help="HR validation images (Y-PSNR, crop = scale).")
+@click.option("--val-every", type=click.IntRange(1), default=1000, show_default=True, help="Validate every K iterations.")
+@click.option("--save-every", type=click.IntRange(1), default=500, show_default=True,
+              help="Write the checkpoint every K iterations (atomically).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("runs/x2/last.pth"),
+              show_default=True, help="Checkpoint to write (BasicSR layout with optimizer state).")
+@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights init and batches.")
+@click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def train(data, preset, expansion, iters, batch, patch, lr, val, val_every, save_every, out, resume, seed, threads,
+          as_json):
+    """Train the training-form (three-branch) DIPNet on HR images, BasicSR style.
+
+    LR inputs are the MATLAB-bicubic LR of each image (as `compare` makes them), L1 loss,
+    Adam, cosine decay, EMA weights; checkpoints can be resumed and fold on export.
+    """
+    from tqdm import tqdm
+
+    from dipnet_deploy.train import TrainConfig, train as run_train
+
+    config = TrainConfig(data=data, out=out, preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch,
+                         lr=lr, val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
+                         threads=threads)
+    bar = tqdm(total=iters, desc="train", unit="it", dynamic_ncols=True)
+    best = {}
+
+    def progress(iteration: int, loss: float, entry: dict | None) -> None:
+        if bar.n == 0 and iteration > 1:
+            bar.update(iteration - 1)
+        if entry:
+            best.update(entry)
+        bar.set_postfix(loss=f"{loss:.4f}", **({"val_psnr_y": f"{best['val_psnr_y']:.2f}"} if best else {}))
+        bar.update(1)
+
+    result = run_train(config, progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
+    bar.close()
+    click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s)")
+    if as_json:
+        last = result.history[-1] if result.history else {}
+        emit_json({"checkpoint": str(result.out), "iters": result.iters, "seconds": round(result.seconds, 1),
+                   "iters_per_second": round(result.iters_per_second, 3), "loss": result.last_loss,
+                   "val_psnr_y": last.get("val_psnr_y")})

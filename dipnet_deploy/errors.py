@@ -1,0 +1,14 @@
+"""The one error type the CLI turns into a single stderr line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad user input: names the file (or option) and the problem."""
+
+    def __init__(self, where: str | Path, problem: str):
+        super().__init__(f"{where}: {problem}")
+        self.where = str(where)
+        self.problem = problem

@@ -1,0 +1,66 @@
+"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipnet_deploy.archs.dipnet_train_arch import build_train_model
+from dipnet_deploy.config import PRESETS
+
+SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
+OFFICIAL_X4 = SHARED / "weights" / "dipnet_official_x4.pth"
+EVAL = SHARED / "data" / "eval"
+TRAIN = SHARED / "data" / "train"
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared beside the project holds the data and weights)")
+    return path
+
+
+@pytest.fixture
+def official_x4() -> Path:
+    return need(OFFICIAL_X4)
+
+
+def random_train_model(config, seed: int = 0, std: float = 0.05):
+    """A training-form DIPNet with non-trivial random weights (default init is too tame)."""
+    torch.manual_seed(seed)
+    model = build_train_model(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, std)
+    return model.eval()
+
+
+@pytest.fixture
+def x2_training_checkpoint(tmp_path) -> Path:
+    """A BasicSR-layout training-form x2 checkpoint (random weights, E = 40)."""
+    model = random_train_model(PRESETS["x2"].replace(expansion=40))
+    path = tmp_path / "x2_train.pth"
+    torch.save({"params": model.state_dict(), "params_ema": model.state_dict(), "iter": 1}, path)
+    return path
+
+
+@pytest.fixture
+def invoke(capsys, monkeypatch):
+    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
+    from dipnet_deploy.cli import run
+
+    def call(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr("sys.argv", ["dipnet-deploy", *map(str, args)])
+        capsys.readouterr()
+        try:
+            run()
+            code = 0
+        except SystemExit as done:
+            code = done.code if isinstance(done.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call
