@@ -7,7 +7,6 @@ a preset and explicit overrides take precedence, and the file must then fit them
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dipnet_deploy.archs.dipnet_arch import DIPNet
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model, fold_state_dict, is_training_form
 from dipnet_deploy.config import PRESETS, DIPNetConfig
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import sha256_file
 
 BASICSR_KEYS = ("params_ema", "params", "state_dict", "model")
 
@@ -32,14 +32,6 @@ class LoadedCheckpoint:
     source: str  # which entry of the file held the weights
     sha256: str
     fold_max_abs_diff: float | None = None  # filled by verify_fold when training form
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:

@@ -194,3 +194,62 @@ def train(data, preset, expansion, iters, batch, patch, lr, val, val_every, save
         emit_json({"checkpoint": str(result.out), "iters": result.iters, "seconds": round(result.seconds, 1),
                    "iters_per_second": round(result.iters_per_second, 3), "loss": result.last_loss,
                    "val_psnr_y": last.get("val_psnr_y")})
+
+
+def _progress_bar(iterable, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+
+
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("build/dipnet_x2_1080x1920.onnx"), show_default=True,
+              help="The fp32 ONNX written by `export`.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration images (png, jpg, bmp, tif, webp; recursive, sorted by path). "
+                   "Default: the project's calibration/ set, unless --ranges reuses saved ranges.")
+@click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+              show_default=True,
+              help="max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
+                   "(TensorRT-style); mse: range minimizing uint8 quantization MSE.")
+@click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.999, show_default=True,
+              help="Kept percentile for --method percentile.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False),
+              help="int8 ONNX to write. Default: MODEL with .int8.onnx.")
+@click.option("--ranges", type=click.Path(path_type=Path, dir_okay=False),
+              help="With --calib: where to save the ranges JSON (default: beside the output). "
+                   "Without --calib: reuse this saved file (gives a byte-identical model).")
+@click.option("--limit", type=click.IntRange(1), help="Use N evenly spaced images of the calibration set.")
+@click.option("--per-channel/--per-tensor", default=True, show_default=True,
+              help="Weight scales per output channel or one per tensor (weights are int8 symmetric).")
+@click.option("--symmetric-activations", is_flag=True,
+              help="Activations int8 symmetric instead of uint8 asymmetric.")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, as_json):
+    """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
+
+    Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
+    /255) and reduced into fixed-size statistics, so memory does not grow with the number
+    of images. onnxruntime's quantizer writes the model from these ranges; the ranges JSON
+    and a model card are written beside it.
+    """
+    from dipnet_deploy.quantize import QuantizeOptions, quantize as run_quantize
+
+    if calib is None and ranges is None:
+        calib = Path(__file__).resolve().parent.parent / "calibration"
+        if not calib.is_dir():
+            calib = Path("calibration")
+    if calib is not None and not calib.is_dir():
+        raise InputError(calib, "not a directory")
+    options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit)
+    result = run_quantize(model, output, calib, ranges, options, progress=_progress_bar, warn=warn)
+    summary = result.summary
+    click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "
+               f"{summary['images_used']} images, method {summary['method']}, peak RSS {summary['peak_rss_mb']} MB, "
+               f"{summary['seconds']} s)")
+    click.echo(f"wrote {result.ranges_path}")
+    click.echo(f"wrote {result.card_path}")
+    if as_json:
+        emit_json(summary)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +37,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise InputError(path, f"cannot write ({error.strerror})") from None
     os.close(handle)
     temp = Path(temp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield temp
         os.replace(temp, path)
@@ -50,3 +54,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     write_bytes_atomic(path, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,254 @@
+"""Stages 3-4: calibration images -> ranges JSON -> int8 QDQ ONNX.
+
+The int8 model is written by onnxruntime's own quantizer (``quantize_static``, QDQ format) from
+our ranges, handed over through its calibration cache; it does not calibrate again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from dipnet_deploy import __version__
+from dipnet_deploy.calibrate import OBSERVERS, calibrate, make_observer
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import atomic_path, sha256_file, write_json_atomic
+from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.info import load_onnx
+from dipnet_deploy.model_stats import onnx_summary
+
+RANGES_FORMAT = "dipnet-deploy-ranges/1"
+MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
+
+
+@dataclass
+class QuantizeOptions:
+    method: str = "max"
+    percentile: float = 99.999
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    limit: int | None = None
+
+
+@dataclass
+class QuantizeResult:
+    int8_path: Path
+    ranges_path: Path
+    card_path: Path
+    summary: dict = field(default_factory=dict)
+
+
+def default_int8_path(fp32_path: Path) -> Path:
+    return fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
+
+
+def default_ranges_path(int8_path: Path) -> Path:
+    return int8_path.with_name(f"{int8_path.stem.removesuffix('.int8')}.ranges.json")
+
+
+def check_fp32_model(path: Path) -> tuple[onnx.ModelProto, list[int]]:
+    """Load an fp32 DIPNet ONNX from ``export``; refuse anything else. Returns (model, input shape)."""
+    model = load_onnx(path)
+    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for node in model.graph.node):
+        raise InputError(path, "is already quantized (expected the fp32 ONNX from `dipnet-deploy export`)")
+    inputs = [vi for vi in model.graph.input if vi.name not in {i.name for i in model.graph.initializer}]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise InputError(path, "not a DIPNet ONNX (expected one input and one output)")
+    tensor_type = inputs[0].type.tensor_type
+    shape = [d.dim_value for d in tensor_type.shape.dim]
+    if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(shape) != 4 or shape[:2] != [1, 3] or not all(shape):
+        raise InputError(path, f"not an fp32 DIPNet ONNX (input must be float 1x3xHxW with fixed H, W; got {shape})")
+    if not any(node.op_type == "Conv" for node in model.graph.node):
+        raise InputError(path, "not a DIPNet ONNX (no Conv nodes)")
+    return model, shape
+
+
+class SeedInputs:
+    """The calibration images, read and preprocessed as the seed does, one at a time."""
+
+    def __init__(self, files: list[Path], height: int, width: int):
+        self.files, self.height, self.width = files, height, width
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for path in self.files:
+            yield seed_preprocess(read_rgb8(path)[0], self.height, self.width)
+
+
+def select_images(directory: Path, limit: int | None, warn: Callable[[str], None]) -> tuple[list[Path], list[str]]:
+    """Readable images under ``directory`` (sorted), an evenly spaced subset of ``limit``; and skips."""
+    files = list_images(directory)
+    usable, skipped = [], []
+    for path in files:
+        try:
+            image, notes = read_rgb8(path)
+        except InputError as error:
+            skipped.append(str(error))
+            warn(f"warning: skipped {error}")
+            continue
+        if min(image.shape[:2]) < MIN_CALIBRATION_SIDE:
+            skipped.append(f"{path}: {image.shape[1]}x{image.shape[0]} is too small")
+            warn(f"warning: skipped {path}: {image.shape[1]}x{image.shape[0]} is smaller than "
+                 f"{MIN_CALIBRATION_SIDE}px on a side")
+            continue
+        for note in notes:
+            warn(f"note: {path}: {note}")
+        usable.append(path)
+    if not usable:
+        what = f"{len(files)} image file(s), none usable" if files else "no image files (png, jpg, bmp, tif, webp)"
+        raise InputError(directory, f"no calibration images: {what}")
+    if limit is not None and limit < len(usable):
+        indices = np.unique(np.round(np.linspace(0, len(usable) - 1, limit)).astype(int))
+        usable = [usable[i] for i in indices]
+    return usable, skipped
+
+
+def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
+                   progress: Callable[[Iterator, str], Iterator] = lambda it, _d: it,
+                   warn: Callable[[str], None] = print) -> dict:
+    """Calibrate and return the ranges document (what the ranges JSON holds)."""
+    model, shape = check_fp32_model(model_path)
+    files, skipped = select_images(calib_dir, options.limit, warn)
+    height, width = shape[2], shape[3]
+
+    observer = make_observer(options.method, options.percentile)
+    ranges = calibrate(model, SeedInputs(files, height, width), observer, progress)
+    return {
+        "format": RANGES_FORMAT,
+        "tool": f"dipnet-deploy {__version__}",
+        "model": str(model_path),
+        "model_sha256": sha256_file(model_path),
+        "input_shape": shape,
+        "method": options.method,
+        "parameters": observer.parameters(),
+        "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
+        "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
+        "skipped": skipped,
+        "tensors": {name: {"min": low, "max": high} for name, (low, high) in ranges.items()},
+    }
+
+
+def read_ranges(path: Path, model_path: Path) -> dict:
+    """Load a saved ranges JSON and check it belongs to ``model_path``."""
+    if not path.is_file():
+        raise InputError(path, "no such ranges file")
+    try:
+        document = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(path, f"not a ranges JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != RANGES_FORMAT or "tensors" not in document:
+        raise InputError(path, f"not a dipnet-deploy ranges file (format {RANGES_FORMAT})")
+    if document.get("model_sha256") != sha256_file(model_path):
+        raise InputError(path, f"ranges were computed for another model ({document.get('model')}), not {model_path}")
+    return document
+
+
+def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> None:
+    """Quantize with onnxruntime's QDQ quantizer from the given ranges (written atomically)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
+    tensors = {name: (np.float32(r["min"]), np.float32(r["max"])) for name, r in document["tensors"].items()}
+    ranges = TensorsData(CalibrationMethod.MinMax, tensors)
+    with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch, atomic_path(output) as temp:
+        cache = Path(scratch) / "ranges.json"
+        save_tensors_data(ranges, cache)
+        logging.getLogger().setLevel(logging.ERROR)  # silence the "consider pre-processing" advice
+        quantize_static(
+            str(model_path), str(temp), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+            per_channel=options.per_channel, reduce_range=False,
+            activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+            calibration_cache_path=str(cache),
+            extra_options={"ActivationSymmetric": options.symmetric_activations, "WeightSymmetric": True},
+        )
+        int8 = onnx.load(str(temp))
+        int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
+        temp.write_bytes(int8.SerializeToString())
+
+
+def quantized_conv_report(model: onnx.ModelProto) -> dict:
+    """How many Convs read an int8 weight and a dequantized activation."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {init.name: init for init in model.graph.initializer}
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+
+    def dequantized_from(name: str, elem_type: int | None) -> bool:
+        node = producers.get(name)
+        if node is None or node.op_type != "DequantizeLinear":
+            return False
+        source = node.input[0]
+        return elem_type is None or (source in initializers and initializers[source].data_type == elem_type)
+
+    return {
+        "convs": len(convs),
+        "int8_weights": sum(dequantized_from(n.input[1], onnx.TensorProto.INT8) for n in convs),
+        "quantized_inputs": sum(dequantized_from(n.input[0], None) for n in convs),
+    }
+
+
+def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | None = None,
+             ranges_path: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
+             progress: Callable[[Iterator, str], Iterator] = lambda it, _d: it,
+             warn: Callable[[str], None] = print) -> QuantizeResult:
+    """Calibrate (or reuse saved ranges) and write the int8 ONNX, its ranges JSON and model card."""
+    if options.method not in OBSERVERS:
+        raise InputError("--method", f"unknown method {options.method!r}")
+    started = time.perf_counter()
+    model_path = Path(model_path)
+    check_fp32_model(model_path)
+    output = Path(output) if output else default_int8_path(model_path)
+    if calib_dir is None and ranges_path is None:
+        raise InputError("--calib", "give a calibration directory or a saved --ranges file")
+    if calib_dir is not None:
+        document = compute_ranges(model_path, Path(calib_dir), options, progress, warn)
+        ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
+        write_json_atomic(ranges_path, document)
+    else:
+        ranges_path = Path(ranges_path)
+        document = read_ranges(ranges_path, model_path)
+    write_int8(model_path, document, output, options)
+    int8 = onnx.load(str(output))
+    summary = onnx_summary(int8)
+    card = {
+        "tool": f"dipnet-deploy {__version__}",
+        "stage": "int8-onnx",
+        "onnx": str(output),
+        "onnx_sha256": sha256_file(output),
+        "fp32_onnx": str(model_path),
+        "fp32_sha256": document["model_sha256"],
+        "ranges": str(ranges_path),
+        "ranges_sha256": sha256_file(ranges_path),
+        "method": document["method"],
+        "parameters": document["parameters"],
+        "calibration_images": len(document["calibration_files"]),
+        "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor"),
+        "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
+        "format": "QDQ (onnxruntime quantize_static)",
+        "conv_report": quantized_conv_report(int8),
+        "ops": summary["ops"],
+        "input_shape": summary["inputs"],
+        "output_shape": summary["outputs"],
+    }
+    card_path = output.with_suffix(".json")
+    write_json_atomic(card_path, card)
+    summary_line = {
+        "int8": str(output), "ranges": str(ranges_path), "card": str(card_path), "method": document["method"],
+        "images_used": len(document["calibration_files"]), "images_skipped": len(document.get("skipped", [])),
+        "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return QuantizeResult(output, ranges_path, card_path, summary_line)
+

@@ -1,0 +1,264 @@
+"""Calibration and int8 quantization: exact streaming ranges, stock parity, determinism, bad input."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from dipnet_deploy.calibrate import (EntropyObserver, MaxObserver, MseObserver, PercentileObserver, calibrate,
+                                     float_tensors, values_model)
+from dipnet_deploy.checkpoint import load_checkpoint
+from dipnet_deploy.export import ExportOptions, export
+from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.metrics import psnr
+from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, quantize
+
+from .conftest import EVAL, TRAIN, need, random_train_model
+
+
+@pytest.fixture(scope="module")
+def x2_small(tmp_path_factory):
+    """A random-weight x2 training checkpoint exported at 40x56."""
+    import torch
+
+    from dipnet_deploy.config import PRESETS
+
+    work = tmp_path_factory.mktemp("x2")
+    checkpoint = work / "x2.pth"
+    torch.save(random_train_model(PRESETS["x2"].replace(expansion=24), std=0.08).state_dict(), checkpoint)
+    return export(load_checkpoint(checkpoint), work / "x2.onnx", ExportOptions(height=40, width=56)).onnx_path
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory):
+    """Four photos of the training set (calibration may use them, evaluation may not)."""
+    need(TRAIN)
+    directory = tmp_path_factory.mktemp("calib")
+    for name in sorted(p.name for p in TRAIN.iterdir())[::40][:4]:
+        shutil.copy(TRAIN / name, directory / name)
+    return directory
+
+
+def whole_image_ranges(model_path, files, height, width):
+    """Independent reference: every tensor as a real output, min/max in numpy."""
+    model = onnx.load(str(model_path))
+    names = float_tensors(model)
+    session = ort.InferenceSession(values_model(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    low, high = {}, {}
+    for path in files:
+        x = seed_preprocess(read_rgb8(path)[0], height, width)
+        for name, value in zip(names, session.run(names, {"input": x})):
+            low[name] = min(low.get(name, np.inf), float(value.min()))
+            high[name] = max(high.get(name, -np.inf), float(value.max()))
+    return {name: (low[name], high[name]) for name in names}
+
+
+def test_streaming_max_ranges_equal_whole_image_ranges(x2_small, calib_dir):
+    files = sorted(calib_dir.iterdir())
+    got = calibrate(onnx.load(str(x2_small)), SeedInputs(files, 40, 56), MaxObserver())
+    want = whole_image_ranges(x2_small, files, 40, 56)
+    assert set(got) == set(want) and len(got) == 1 + 19 + 12 + 5  # input, convs, leaky, adds
+    assert got == want
+
+
+def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, calib_dir, tmp_path):
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    files = sorted(calib_dir.iterdir())
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], 40, 56)} for p in files])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    stock_model, stock_cache = tmp_path / "stock.onnx", tmp_path / "stock_cache.json"
+    quantize_static(str(x2_small), str(stock_model), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(stock_cache))
+    result = quantize(x2_small, tmp_path / "ours.int8.onnx", calib_dir)
+    ours = json.loads(result.ranges_path.read_text())["tensors"]
+    stock = load_tensors_data(stock_cache)
+    for name, data in stock.items():
+        low, high = (np.asarray(v).item() for v in data.range_value)
+        # Stock's graph runs other kernels (no fusions), so equal up to float rounding.
+        assert ours[name]["min"] == pytest.approx(low, abs=1e-7, rel=1e-5)
+        assert ours[name]["max"] == pytest.approx(high, abs=1e-7, rel=1e-5)
+    x = seed_preprocess(read_rgb8(files[0])[0], 40, 56)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    # A range one float ulp apart can flip a rounding: allow rare one-step differences.
+    last_conv = [n for n in onnx.load(str(x2_small)).graph.node if n.op_type == "Conv"][-1].output[0]
+    step = (ours[last_conv]["max"] - min(ours[last_conv]["min"], 0.0)) / 255
+    diff = np.abs(run(result.int8_path) - run(stock_model))
+    assert diff.max() <= 2.01 * step and np.mean(diff > 0) < 0.01
+
+
+def test_all_convs_int8_ranges_reuse_is_byte_identical(x2_small, calib_dir, tmp_path, invoke):
+    first, second = tmp_path / "a.int8.onnx", tmp_path / "b.int8.onnx"
+    code, out, err = invoke("quantize", "--model", x2_small, "--calib", calib_dir, "-o", first, "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["convs"] == summary["int8_convs"] == 19 and summary["images_used"] == 4
+    card = json.loads(first.with_suffix(".json").read_text())
+    assert card["conv_report"] == {"convs": 19, "int8_weights": 19, "quantized_inputs": 19}
+    code, _, err = invoke("quantize", "--model", x2_small, "--ranges", summary["ranges"], "-o", second)
+    assert code == 0, err
+    assert first.read_bytes() == second.read_bytes()
+    code, _, _ = invoke("quantize", "--model", x2_small, "--calib", calib_dir, "-o", tmp_path / "c.int8.onnx")
+    assert (tmp_path / "c.int8.onnx").read_bytes() == first.read_bytes()
+
+
+def _observe(observer, values):
+    observer.update_range("t", float(values.min()), float(values.max()))
+    observer.update_values("t", values)
+    return observer.compute()["t"]
+
+
+def test_histogram_observers_on_a_known_distribution():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 200_000), [40.0, -30.0]]).astype(np.float32)  # two outliers
+    low, high = _observe(PercentileObserver(99.9), values)
+    assert low == pytest.approx(np.quantile(values, 0.001), abs=0.05)
+    assert high == pytest.approx(np.quantile(values, 0.999), abs=0.05)
+    low, high = _observe(EntropyObserver(), values)  # KL clips the outliers, keeps the bulk
+    assert -10 < low < -2.5 and 2.5 < high < 10
+    # MSE: rounding error 200000 * (70 f / 255)^2 / 12 vs clipping (40 - 40 f)^2 + (30 - 30 f)^2
+    # is minimal near f = 2500 / (2500 + 1256) = 0.666.
+    low, high = _observe(MseObserver(), values)
+    assert high == pytest.approx(40 * 0.666, abs=1.0) and low == pytest.approx(-30 * 0.666, abs=1.0)
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_end_to_end(method, x2_small, calib_dir, tmp_path):
+    result = quantize(x2_small, tmp_path / f"{method}.int8.onnx", calib_dir, options=QuantizeOptions(method=method))
+    ranges = json.loads(result.ranges_path.read_text())["tensors"]
+    reference = json.loads(quantize(x2_small, tmp_path / "max.int8.onnx", calib_dir).ranges_path.read_text())["tensors"]
+    assert all(reference[n]["min"] <= r["min"] and r["max"] <= reference[n]["max"] + 1e-6 for n, r in ranges.items())
+    assert any(r["max"] < reference[n]["max"] for n, r in ranges.items())
+
+
+def test_quality_floor_official_x4_against_stock(official_x4, calib_dir, tmp_path):
+    """int8-vs-fp32 PSNR on Set5 matches stock quantize_static's (MinMax, per channel, QDQ)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static
+
+    height, width = 96, 160
+    fp32 = export(load_checkpoint(official_x4), tmp_path / "x4.onnx", ExportOptions(height, width)).onnx_path
+    files = sorted(calib_dir.iterdir())
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    stock = tmp_path / "stock.onnx"
+    quantize_static(str(fp32), str(stock), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    ours = quantize(fp32, tmp_path / "x4.int8.onnx", calib_dir).int8_path
+    sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+                for k, p in (("fp32", fp32), ("ours", ours), ("stock", stock))}
+    scores = {"ours": [], "stock": []}
+    for path in sorted(need(EVAL / "Set5").iterdir()):
+        x = seed_preprocess(read_rgb8(path)[0], height, width)
+        out = {k: np.clip(s.run(None, {"input": x})[0][0] * 255, 0, 255).transpose(1, 2, 0) for k, s in sessions.items()}
+        for k in scores:
+            scores[k].append(psnr(out[k], out["fp32"]))
+    # Same ranges up to float rounding (fused vs unfused kernels), so the same model up to
+    # rounding flips: measured 36.054 vs 36.067 dB here; the bench runs the issue's setting.
+    assert np.mean(scores["ours"]) >= np.mean(scores["stock"]) - 0.03
+
+
+def _png16(path):
+    cv2.imwrite(str(path), (np.random.default_rng(0).random((64, 64, 3)) * 65535).astype(np.uint16))
+
+
+def _gray_jpeg(path):
+    cv2.imwrite(str(path), (np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8))
+
+
+def _truncated_png(path):
+    ok, data = cv2.imencode(".png", (np.random.default_rng(2).random((64, 64, 3)) * 255).astype(np.uint8))
+    path.write_bytes(data.tobytes()[: len(data) // 2])
+
+
+def _tiny(path):
+    cv2.imwrite(str(path), np.zeros((10, 10, 3), np.uint8))
+
+
+SINGLE_BAD_IMAGES = {  # warning and continue
+    "truncated.png": (_truncated_png, "skipped", False),
+    "tiny.png": (_tiny, "smaller than", False),
+    "deep.png": (_png16, "16-bit converted to 8-bit", True),
+    "gray.jpg": (_gray_jpeg, "gray replicated to RGB", True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SINGLE_BAD_IMAGES))
+def test_single_bad_images_warn_and_continue(name, x2_small, calib_dir, tmp_path, invoke):
+    make, words, used = SINGLE_BAD_IMAGES[name]
+    directory = tmp_path / "calib"
+    shutil.copytree(calib_dir, directory)
+    make(directory / name)
+    code, out, err = invoke("quantize", "--model", x2_small, "--calib", directory, "-o", tmp_path / "m.onnx", "--json")
+    assert code == 0, err
+    assert any(words in line and name in line for line in err.splitlines()), err
+    assert json.loads(out.strip().splitlines()[-1])["images_used"] == 4 + used
+
+
+def _not_dipnet(tmp_path):
+    path = tmp_path / "add.onnx"
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["input"], ["output"])], "g",
+        [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 3, 8, 8])])
+    onnx.save(onnx.helper.make_model(graph), str(path))
+    return path
+
+
+def _other_ranges(tmp_path, x2_small, calib_dir):
+    other = tmp_path / "other.onnx"
+    model = onnx.load(str(x2_small))
+    model.graph.initializer[0].float_data.extend([])  # same graph, different bytes below
+    model.doc_string = "another model"
+    onnx.save(model, str(other))
+    return quantize(other, tmp_path / "other.int8.onnx", calib_dir).ranges_path
+
+
+BAD_RUNS = {
+    "empty dir": (lambda t, m, c: ["--calib", (t / "empty").mkdir() or t / "empty"], "no calibration images"),
+    "non-images": (lambda t, m, c: ["--calib", (t / "txt").mkdir() or (t / "txt" / "a.png").write_text("x") and
+                                    t / "txt"], "none usable"),
+    "not a dir": (lambda t, m, c: ["--calib", t / "missing"], "not a directory"),
+    "int8 model": (lambda t, m, c: ["--calib", c, "--model", quantize(m, t / "q.int8.onnx", c).int8_path],
+                   "already quantized"),
+    "text model": (lambda t, m, c: ["--calib", c, "--model", (t / "x.onnx").write_text("hi") and t / "x.onnx"],
+                   "not an ONNX model"),
+    "not dipnet": (lambda t, m, c: ["--calib", c, "--model", _not_dipnet(t)], "no Conv nodes"),
+    "foreign ranges": (lambda t, m, c: ["--ranges", _other_ranges(t, m, c)], "another model"),
+    "unwritable output": (lambda t, m, c: ["--calib", c, "-o", (t / "f").write_text("x") and t / "f" / "m.onnx"],
+                          "cannot create"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_quantize_input_one_line_exit_2(case, x2_small, calib_dir, tmp_path, invoke):
+    make, words = BAD_RUNS[case]
+    args = make(tmp_path, x2_small, calib_dir)
+    if "--model" not in args:
+        args += ["--model", x2_small]
+    before = {p for p in tmp_path.rglob("*")}
+    code, out, err = invoke("quantize", *args, "-o" if "-o" not in args else "--json",
+                            *([tmp_path / "out.int8.onnx"] if "-o" not in args else []))
+    lines = [line for line in err.strip().splitlines() if not line.startswith(("warning", "note", "calibrate"))]
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+    assert "Traceback" not in err
+    assert not [p for p in set(tmp_path.rglob("*")) - before if p.suffix in (".onnx", ".tmp")]
