@@ -253,3 +253,67 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     click.echo(f"wrote {result.card_path}")
     if as_json:
         emit_json(summary)
+
+
+@main.command()
+@click.argument("report_dir", type=click.Path(path_type=Path), default=Path("report"), required=False)
+@click.option("--fp32", "fp32_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("build/dipnet_x2_1080x1920.onnx"), show_default=True, help="fp32 ONNX from `export`.")
+@click.option("--int8", "int8_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="int8 ONNX from `quantize`. Default: the fp32 path with .int8.onnx when that file exists; "
+                   "without one, only fp32 and bicubic are measured.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Directory of HR images (gray, RGBA, 16-bit are converted to 8-bit RGB, with a note).")
+@click.option("--protocol", type=click.Choice(["sr", "seed"]), default="sr", show_default=True,
+              help="sr: BasicSR convention (MATLAB bicubic LR, Y/RGB, crop = scale, tiles); "
+                   "seed: the vendor's (bilinear resize to the model input, RGB, no crop).")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Parallel processes, each with its own onnxruntime sessions and cores / N threads.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed forwards per model for the latency (median).")
+@click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as one JSON line, last.")
+@user_errors
+def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, as_json):
+    """Measure what int8 costs: PSNR/SSIM of fp32, int8 and bicubic against HR, and latency.
+
+    Writes REPORT_DIR (default: report/) with metrics.json, report.md and a self-contained
+    index.html (summary, per-image chart, crops of the image with the largest int8 drop,
+    error heatmap).
+    """
+    from tqdm import tqdm
+
+    from dipnet_deploy.compare import CompareOptions, compare as run_compare
+    from dipnet_deploy.quantize import default_int8_path
+    from dipnet_deploy.report import write_report
+
+    if not data.is_dir():
+        raise InputError(data, "not a directory")
+    if int8_path is None and default_int8_path(fp32_path).is_file():
+        int8_path = default_int8_path(fp32_path)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise InputError(report_dir, "exists and is not a directory")
+    options = CompareOptions(protocol, limit, workers, repeats)
+    comparison = run_compare(fp32_path, int8_path, data, options,
+                             progress=lambda it, n: tqdm(it, total=n, desc="compare", unit="img", file=sys.stderr),
+                             warn=warn)
+    document = write_report(comparison, report_dir)
+    mean = document["mean"]
+    for name in ("bicubic", "fp32", "int8"):
+        if name in mean["psnr_y"]:
+            click.echo(f"{name:>8}: PSNR-Y {mean['psnr_y'][name]:.2f} dB  SSIM-Y {mean['ssim_y'][name]:.4f}  "
+                       f"PSNR-RGB {mean['psnr_rgb'][name]:.2f} dB")
+    latency = document["latency"]
+    if "speedup_int8" in latency:
+        click.echo(f"latency per 1080p frame: fp32 {latency['fp32']['per_1080p_frame_s']:.3f} s, "
+                   f"int8 {latency['int8']['per_1080p_frame_s']:.3f} s ({latency['speedup_int8']:.2f}x)")
+    click.echo(f"wrote {report_dir}/index.html, report.md, metrics.json")
+    if as_json:
+        summary = {"report": str(report_dir), "protocol": protocol, "scale": document["scale"],
+                   "images": document["count"], "skipped": len(document["skipped"]),
+                   **{f"{k}_{n}": round(v, 4) for k in ("psnr_y", "ssim_y") for n, v in mean[k].items()}}
+        if "speedup_int8" in latency:
+            summary |= {"latency_fp32_s": round(latency["fp32"]["per_1080p_frame_s"], 4),
+                        "latency_int8_s": round(latency["int8"]["per_1080p_frame_s"], 4),
+                        "speedup_int8": round(latency["speedup_int8"], 3)}
+        emit_json(summary)

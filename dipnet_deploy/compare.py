@@ -1,0 +1,237 @@
+"""Stage 5: fp32 (and int8) ONNX + HR images -> metrics, through onnxruntime.
+
+Protocols:
+- ``sr`` (BasicSR convention): HR cropped to a multiple of the scale, LR = uint8 MATLAB
+  bicubic, model run on the LR by tiles (``tiling.py``), output rounded to uint8; PSNR/SSIM on Y
+  and RGB with crop_border = scale; MATLAB bicubic upscaling of the LR as the baseline.
+- ``seed`` (the vendor's): the same LR resized with cv2 bilinear to the model's fixed input,
+  output compared with HR resized with cv2 bilinear to the output size, full RGB, no crop,
+  outputs clipped x255 as floats; cv2 bicubic of the LR to the output size as the baseline.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import sha256_file
+from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, to_uint8_rgb
+from dipnet_deploy.info import load_onnx
+from dipnet_deploy.matlab_resize import imresize
+from dipnet_deploy.metrics import psnr, ssim
+from dipnet_deploy.sr_protocol import make_pair, score, to_input
+from dipnet_deploy.tiling import TiledRunner
+
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
+PROTOCOLS = ("sr", "seed")
+
+
+@dataclass
+class CompareOptions:
+    protocol: str = "sr"
+    limit: int | None = None
+    workers: int = 1
+    latency_repeats: int = 5
+
+
+@dataclass
+class ModelInfo:
+    path: Path
+    input_shape: list[int]
+    scale: int
+    sha256: str
+
+
+@dataclass
+class Comparison:
+    rows: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    models: dict[str, ModelInfo] = field(default_factory=dict)
+    latency: dict = field(default_factory=dict)
+    protocol: str = "sr"
+    receptive_field: dict = field(default_factory=dict)
+
+
+def inspect_model(path: Path, role: str) -> ModelInfo:
+    model = load_onnx(path)
+    inputs = [vi for vi in model.graph.input if vi.name not in {i.name for i in model.graph.initializer}]
+    shape = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
+    out = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
+    if len(shape) != 4 or shape[:2] != [1, 3] or not all(shape) or len(out) != 4 or not out[2]:
+        raise InputError(path, f"not a fixed-shape SR ONNX ({role}: need input 1x3xHxW and output 1x3x(rH)x(rW))")
+    scale = out[2] // shape[2]
+    if out[2] != shape[2] * scale or out[3] != shape[3] * scale or scale < 1:
+        raise InputError(path, f"output {out} is not an integer upscale of input {shape}")
+    return ModelInfo(path, shape, scale, sha256_file(path))
+
+
+def check_pair(fp32: ModelInfo, int8: ModelInfo | None) -> None:
+    if int8 is None:
+        return
+    if int8.scale != fp32.scale or int8.input_shape != fp32.input_shape:
+        raise InputError(int8.path, f"does not match the fp32 model: x{int8.scale} {int8.input_shape} vs "
+                                    f"x{fp32.scale} {fp32.input_shape}")
+
+
+# --------------------------------------------------------------------------- one image
+
+
+def _float_rgb(output: np.ndarray) -> np.ndarray:
+    """The seed's float output: clip(x * 255) without rounding, HxWx3."""
+    return np.clip(output[0] * 255.0, 0, 255).transpose(1, 2, 0)
+
+
+def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol: str, scale: int) -> dict:
+    """Metrics of one HR image for each model (and bicubic); also returns the images made."""
+    if protocol == "sr":
+        hr, lr = make_pair(hr_rgb, scale)
+        outputs, tiles = {}, 0
+        for name, runner in runners.items():
+            result, tiles = runner.run(to_input(lr))
+            outputs[name] = to_uint8_rgb(result)
+        outputs["bicubic"] = imresize(lr, scale)
+        metrics = {name: score(image, hr, scale) for name, image in outputs.items()}
+    else:
+        _, lr = make_pair(hr_rgb, scale)
+        any_runner = next(iter(runners.values()))
+        height, width = any_runner.tile_h, any_runner.tile_w
+        model_input = seed_preprocess(lr, height, width)
+        hr = cv2.resize(hr_rgb, (width * scale, height * scale), interpolation=cv2.INTER_LINEAR).astype(np.float64)
+        outputs = {name: _float_rgb(runner.forward(model_input)) for name, runner in runners.items()}
+        outputs["bicubic"] = np.clip(cv2.resize(lr.astype(np.float32), (width * scale, height * scale),
+                                                interpolation=cv2.INTER_CUBIC), 0, 255)
+        metrics = {name: {"psnr_y": psnr(image, hr, 0, True), "ssim_y": ssim(image, hr, 0, True),
+                          "psnr_rgb": psnr(image, hr), "ssim_rgb": ssim(image, hr)} for name, image in outputs.items()}
+        tiles = 1
+    row = {key: {name: metrics[name][key] for name in metrics} for key in METRICS}
+    row["tiles"] = tiles
+    row["hr_size"] = [int(hr.shape[1]), int(hr.shape[0])]
+    row["lr_size"] = [int(lr.shape[1]), int(lr.shape[0])]
+    if "int8" in outputs:
+        a, b = outputs["int8"].astype(np.float64), outputs["fp32"].astype(np.float64)
+        row["int8_vs_fp32"] = {"psnr_rgb": psnr(a, b), "max_abs_diff": float(np.abs(a - b).max())}
+        row["drop_psnr_y"] = row["psnr_y"]["fp32"] - row["psnr_y"]["int8"]
+    return {"row": row, "images": {"hr": hr, **outputs}}
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_WORKER: dict = {}
+
+
+def _init_worker(model_paths: dict[str, str], threads: int, protocol: str, scale: int) -> None:
+    _WORKER["runners"] = {name: TiledRunner(path, threads) for name, path in model_paths.items()}
+    _WORKER["protocol"], _WORKER["scale"] = protocol, scale
+
+
+def _work(path: str) -> tuple[str, dict | None, str | None]:
+    try:
+        hr, notes = read_rgb8(path)
+    except InputError as error:
+        return path, None, f"skipped {error}"
+    scale = _WORKER["scale"]
+    if min(hr.shape[:2]) < 2 * scale:
+        return path, None, f"skipped {path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}"
+    row = evaluate_image(hr, _WORKER["runners"], _WORKER["protocol"], scale)["row"]
+    row["image"], row["notes"] = path, notes
+    return path, row, None
+
+
+def measure_latency(runners: dict[str, TiledRunner], repeats: int) -> dict:
+    """Median seconds of one forward of the model's own input, per 1080p-equivalent frame."""
+    if not runners:
+        return {}
+    first = next(iter(runners.values()))
+    x = np.random.default_rng(0).random((1, 3, first.tile_h, first.tile_w), dtype=np.float32)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for runner in runners.values():
+        runner.forward(x)  # warm-up
+    for _ in range(repeats):
+        for name, runner in runners.items():  # interleaved, so drifts in machine load hit both
+            began = time.perf_counter()
+            runner.forward(x)
+            times[name].append(time.perf_counter() - began)
+    per_frame = (1920 * 1080) / (first.tile_h * first.tile_w)
+    latency = {name: {"median_s": float(np.median(t)), "per_1080p_frame_s": float(np.median(t) * per_frame),
+                      "repeats": repeats} for name, t in times.items()}
+    if "int8" in latency:
+        latency["speedup_int8"] = latency["fp32"]["median_s"] / latency["int8"]["median_s"]
+    return latency
+
+
+def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: CompareOptions = CompareOptions(),
+            progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it,
+            warn: Callable[[str], None] = print) -> Comparison:
+    if options.protocol not in PROTOCOLS:
+        raise InputError("--protocol", f"unknown protocol {options.protocol!r}")
+    fp32 = inspect_model(Path(fp32_path), "fp32")
+    int8 = inspect_model(Path(int8_path), "int8") if int8_path else None
+    check_pair(fp32, int8)
+    files = list_images(data_dir)
+    if not files:
+        raise InputError(data_dir, "no image files (png, jpg, bmp, tif, webp)")
+    if options.limit:
+        files = files[: options.limit]
+    model_paths = {"fp32": str(fp32.path), **({"int8": str(int8.path)} if int8 else {})}
+    workers = max(1, min(options.workers, len(files)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    comparison = Comparison(protocol=options.protocol, models={"fp32": fp32, **({"int8": int8} if int8 else {})})
+    results: dict[str, dict] = {}
+    if workers == 1:
+        _init_worker(model_paths, threads, options.protocol, fp32.scale)
+        outcomes = map(_work, map(str, files))
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, _init_worker, (model_paths, threads, options.protocol, fp32.scale))
+        outcomes = pool.imap_unordered(_work, map(str, files))
+    try:
+        for path, row, problem in progress(outcomes, len(files)):
+            if problem:
+                comparison.skipped.append(problem)
+                warn(f"warning: {problem}")
+            else:
+                for note in row["notes"]:
+                    warn(f"note: {path}: {note}")
+                results[path] = row
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    if not results:
+        raise InputError(data_dir, f"no usable HR images ({len(files)} file(s), all skipped)")
+    comparison.rows = [results[str(p)] for p in files if str(p) in results]
+    runners = _WORKER.get("runners") if workers == 1 else {n: TiledRunner(p, os.cpu_count()) for n, p in model_paths.items()}
+    field_ = next(iter(runners.values())).field
+    comparison.receptive_field = {"radius": field_.radius, "local": field_.local,
+                                  "halo": next(iter(runners.values())).halo}
+    comparison.latency = measure_latency(runners, options.latency_repeats)
+    return comparison
+
+
+def means(rows: list[dict]) -> dict:
+    names = rows[0]["psnr_y"].keys()
+    return {key: {name: float(np.mean([r[key][name] for r in rows])) for name in names} for key in METRICS}
+
+
+def worst_image(comparison: Comparison) -> dict:
+    key = "drop_psnr_y" if "int8" in comparison.models else "psnr_y"
+    if key == "drop_psnr_y":
+        return max(comparison.rows, key=lambda r: r["drop_psnr_y"])
+    return min(comparison.rows, key=lambda r: r["psnr_y"]["fp32"] - r["psnr_y"]["bicubic"])
+
+
+def reproduce_images(comparison: Comparison, row: dict) -> dict:
+    """Re-run one image to get its pictures for the report (rows keep only numbers)."""
+    runners = {name: TiledRunner(str(info.path)) for name, info in comparison.models.items()}
+    hr, _ = read_rgb8(row["image"])
+    return evaluate_image(hr, runners, comparison.protocol, comparison.models["fp32"].scale)["images"]
+

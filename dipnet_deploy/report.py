@@ -1,0 +1,284 @@
+"""Stage 6: a comparison -> REPORT_DIR with metrics.json, report.md and index.html.
+
+metrics.json schema (version 1):
+  protocol, scale, models.{fp32,int8}.{path,sha256,input_shape}, receptive_field,
+  mean.{psnr_y,ssim_y,psnr_rgb,ssim_rgb}.{fp32,int8,bicubic}, mean_int8_vs_fp32.{psnr_rgb,max_abs_diff},
+  images[]: {image, hr_size, lr_size, tiles, psnr_y.{..}, ssim_y.{..}, psnr_rgb.{..}, ssim_rgb.{..},
+             int8_vs_fp32.{psnr_rgb,max_abs_diff}, drop_psnr_y},
+  latency.{fp32,int8}.{median_s,per_1080p_frame_s,repeats}, latency.speedup_int8, skipped[]
+PSNR in dB, SSIM in [0, 1], max_abs_diff in 8-bit levels, times in seconds.
+Pictures are PNG files beside index.html (and embedded in it, so the page is self-contained).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dipnet_deploy import __version__  # noqa: E402
+from dipnet_deploy.compare import METRICS, Comparison, means, reproduce_images, worst_image  # noqa: E402
+from dipnet_deploy.errors import InputError  # noqa: E402
+
+COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
+CROP = 96  # HR pixels of the side-by-side crops
+
+
+def metrics_document(comparison: Comparison) -> dict:
+    rows = comparison.rows
+    document = {
+        "schema": "dipnet-deploy-metrics/1",
+        "tool": f"dipnet-deploy {__version__}",
+        "protocol": comparison.protocol,
+        "scale": comparison.models["fp32"].scale,
+        "models": {name: {"path": str(info.path), "sha256": info.sha256, "input_shape": info.input_shape}
+                   for name, info in comparison.models.items()},
+        "receptive_field": comparison.receptive_field,
+        "count": len(rows),
+        "mean": means(rows),
+        "images": rows,
+        "latency": comparison.latency,
+        "skipped": comparison.skipped,
+    }
+    if "int8" in comparison.models:
+        document["mean_int8_vs_fp32"] = {
+            "psnr_rgb": float(np.mean([r["int8_vs_fp32"]["psnr_rgb"] for r in rows])),
+            "max_abs_diff": float(np.max([r["int8_vs_fp32"]["max_abs_diff"] for r in rows])),
+        }
+    return document
+
+
+def _psnr_chart(rows: list[dict], path: Path) -> None:
+    names = [n for n in ("bicubic", "fp32", "int8") if n in rows[0]["psnr_y"]]
+    labels = [Path(r["image"]).stem for r in rows]
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.6), dpi=110)
+    x = np.arange(len(rows))
+    for i, name in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, [r["psnr_y"][name] for r in rows], width,
+               label=name, color=COLOURS[name])
+    low = min(r["psnr_y"][n] for r in rows for n in names)
+    ax.set_ylim(max(0, low - 2), None)
+    ax.set_xticks(x, labels, rotation=60 if len(rows) > 8 else 0, ha="right" if len(rows) > 8 else "center",
+                  fontsize=8)
+    ax.set_ylabel("PSNR-Y (dB)")
+    ax.set_title("PSNR on the Y channel per image")
+    ax.legend(ncols=len(names), fontsize=8, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _crop_box(diff: np.ndarray) -> tuple[int, int]:
+    """Top-left of the CROP x CROP window with the largest mean difference."""
+    h, w = diff.shape
+    size = min(CROP, h, w)
+    integral = np.pad(diff, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    top, left = np.unravel_index(np.argmax(sums), sums.shape)
+    return int(top), int(left)
+
+
+def _crops_figure(images: dict, title: str, path: Path, amplify: float) -> None:
+    reference = images.get("int8", images["fp32"])
+    diff = np.abs(reference.astype(np.float64) - images["fp32"].astype(np.float64)).mean(axis=2)
+    if "int8" not in images:
+        diff = np.abs(images["fp32"].astype(np.float64) - images["hr"].astype(np.float64)).mean(axis=2)
+    top, left = _crop_box(diff)
+    size = min(CROP, diff.shape[0], diff.shape[1])
+    window = (slice(top, top + size), slice(left, left + size))
+    panels = [("HR", images["hr"]), ("bicubic", images["bicubic"]), ("fp32", images["fp32"])]
+    if "int8" in images:
+        panels += [("int8", images["int8"]),
+                   (f"|int8 - fp32| x{amplify:g}", np.clip(diff[..., None].repeat(3, 2) * amplify, 0, 255))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.7), dpi=110)
+    for ax, (name, image) in zip(axes, panels):
+        ax.imshow(np.clip(np.asarray(image, dtype=np.float64)[window] / 255.0, 0, 1), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _heatmap(images: dict, path: Path) -> str:
+    if "int8" in images:
+        diff = np.abs(images["int8"].astype(np.float64) - images["fp32"].astype(np.float64)).max(axis=2)
+        label = "|int8 - fp32| (8-bit levels, max over RGB)"
+    else:
+        diff = np.abs(images["fp32"].astype(np.float64) - images["hr"].astype(np.float64)).max(axis=2)
+        label = "|fp32 - HR| (8-bit levels, max over RGB)"
+    h, w = diff.shape
+    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.6), dpi=110)
+    shown = ax.imshow(diff, cmap="magma", vmin=0, vmax=max(1.0, float(np.percentile(diff, 99.9))))
+    ax.axis("off")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=label)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return label
+
+
+def _fmt(value: float, key: str) -> str:
+    return f"{value:.4f}" if key.startswith("ssim") else f"{value:.2f}"
+
+
+def _summary_rows(document: dict) -> list[list[str]]:
+    names = [n for n in ("bicubic", "fp32", "int8") if n in document["mean"]["psnr_y"]]
+    rows = [[name] + [_fmt(document["mean"][key][name], key) for key in METRICS] for name in names]
+    if "int8" in names:
+        rows.append(["int8 - fp32"] + [
+            (f"{document['mean'][k]['int8'] - document['mean'][k]['fp32']:+.4f}" if k.startswith("ssim") else
+             f"{document['mean'][k]['int8'] - document['mean'][k]['fp32']:+.2f}") for k in METRICS])
+    return rows
+
+
+def _latency_lines(document: dict) -> list[str]:
+    latency = document["latency"]
+    lines = []
+    for name in ("fp32", "int8"):
+        if name in latency:
+            shape = "x".join(map(str, document["models"][name]["input_shape"]))
+            lines.append(f"{name}: {latency[name]['median_s'] * 1000:.0f} ms per {shape} forward, "
+                         f"{latency[name]['per_1080p_frame_s'] * 1000:.0f} ms per 1080p-equivalent frame "
+                         f"(median of {latency[name]['repeats']}, onnxruntime CPU, {os.cpu_count()} cores)")
+    if "speedup_int8" in latency:
+        lines.append(f"int8 speed-up: {latency['speedup_int8']:.2f}x")
+    return lines
+
+
+def _protocol_text(document: dict) -> str:
+    scale = document["scale"]
+    if document["protocol"] == "sr":
+        field = document["receptive_field"]
+        tiling = ("tiles stitched exactly (halo {halo} px >= receptive radius {radius} px); images smaller than "
+                  "the model input are edge-padded, which touches a band near their right/bottom edge"
+                  if field.get("local") else
+                  "tiles with a {halo} px halo; this model has global attention (ESA), which sees tile boundaries "
+                  "and padding, so results deviate slightly from a whole-image run")
+        return (f"BasicSR convention: HR cropped to a multiple of {scale}; LR = uint8 MATLAB bicubic x1/{scale}; "
+                f"SR rounded to uint8; PSNR/SSIM on Y (BT.601) and RGB with {scale} px border cropped. "
+                f"Fixed-shape models run by {tiling.format(**field)}.")
+    return ("Vendor seed protocol: LR resized with cv2 bilinear to the model input; output vs HR resized with cv2 "
+            "bilinear to the output size; full RGB, no crop; outputs clipped x255 as floats.")
+
+
+def write_report(comparison: Comparison, report_dir: Path) -> dict:
+    """Write metrics.json, report.md, index.html and the PNGs; atomically (temp dir + rename)."""
+    report_dir = Path(report_dir)
+    if report_dir.exists() and not report_dir.is_dir():
+        raise InputError(report_dir, "exists and is not a directory")
+    try:
+        report_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
+    except OSError as error:
+        raise InputError(report_dir, f"cannot write the report ({error.strerror})") from None
+    try:
+        document = metrics_document(comparison)
+        worst = worst_image(comparison)
+        images = reproduce_images(comparison, worst)
+        _psnr_chart(comparison.rows, staging / "psnr_per_image.png")
+        worst_name = Path(worst["image"]).name
+        caption = (f"{worst_name}: largest int8 drop ({worst['drop_psnr_y']:.2f} dB PSNR-Y)"
+                   if "int8" in images else f"{worst_name}: smallest gain over bicubic")
+        _crops_figure(images, caption, staging / "worst_crops.png", amplify=8.0)
+        heat_label = _heatmap(images, staging / "error_heatmap.png")
+        document["worst_image"] = worst["image"]
+        (staging / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
+        (staging / "report.md").write_text(_markdown(document, caption, heat_label))
+        (staging / "index.html").write_text(_html(document, caption, heat_label, staging))
+        os.chmod(staging, 0o755)
+        if report_dir.exists():
+            shutil.rmtree(report_dir)
+        os.replace(staging, report_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return document
+
+
+def _markdown(document: dict, caption: str, heat_label: str) -> str:
+    header = "| | PSNR-Y (dB) | SSIM-Y | PSNR-RGB (dB) | SSIM-RGB |\n|---|---|---|---|---|\n"
+    table = header + "".join("| " + " | ".join(row) + " |\n" for row in _summary_rows(document))
+    lines = [f"# fp32 vs int8 — {document['count']} images, x{document['scale']}, protocol `{document['protocol']}`",
+             "", _protocol_text(document), "", table]
+    if "mean_int8_vs_fp32" in document:
+        fidelity = document["mean_int8_vs_fp32"]
+        lines += [f"int8 vs fp32 fidelity: mean PSNR {fidelity['psnr_rgb']:.2f} dB, "
+                  f"max abs diff {fidelity['max_abs_diff']:.0f} levels.", ""]
+    lines += ["## Latency", "", *[f"- {line}" for line in _latency_lines(document)], "",
+              "## Per image", "", "![PSNR per image](psnr_per_image.png)", "",
+              "| image | tiles | bicubic | fp32 | int8 | drop |", "|---|---|---|---|---|---|"]
+    for row in document["images"]:
+        p = row["psnr_y"]
+        lines.append(f"| {Path(row['image']).name} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | "
+                     f"{p['int8']:.2f} | {row['drop_psnr_y']:+.2f} |" if "int8" in p else
+                     f"| {Path(row['image']).name} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | | |")
+    lines += ["", f"## {caption}", "", "![crops](worst_crops.png)", "", f"Error heatmap: {heat_label}", "",
+              "![heatmap](error_heatmap.png)", ""]
+    return "\n".join(lines)
+
+
+def _embed(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
+    e = html.escape
+    head = "".join(f"<th>{h}</th>" for h in ("", "PSNR-Y (dB)", "SSIM-Y", "PSNR-RGB (dB)", "SSIM-RGB"))
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _summary_rows(document))
+    per_image = "".join(
+        f"<tr><td>{e(Path(r['image']).name)}</td><td>{r['lr_size'][0]}x{r['lr_size'][1]}</td><td>{r['tiles']}</td>"
+        + "".join(f"<td>{r['psnr_y'][n]:.2f}</td>" if n in r["psnr_y"] else "<td></td>" for n in ("bicubic", "fp32", "int8"))
+        + (f"<td>{r['drop_psnr_y']:+.2f}</td><td>{r['int8_vs_fp32']['max_abs_diff']:.0f}</td>" if "int8" in r["psnr_y"]
+           else "<td></td><td></td>") + "</tr>" for r in document["images"])
+    fidelity = ""
+    if "mean_int8_vs_fp32" in document:
+        f = document["mean_int8_vs_fp32"]
+        fidelity = (f"<p>int8 vs fp32 fidelity: mean PSNR <b>{f['psnr_rgb']:.2f} dB</b>, "
+                    f"max abs diff {f['max_abs_diff']:.0f} levels.</p>")
+    headline = ""
+    if "int8" in document["mean"]["psnr_y"]:
+        m = document["mean"]["psnr_y"]
+        speed = document["latency"].get("speedup_int8")
+        headline = (f"<p class=headline>int8 costs <b>{m['fp32'] - m['int8']:.2f} dB</b> PSNR-Y "
+                    f"({m['fp32']:.2f} → {m['int8']:.2f} dB)" +
+                    (f" and runs <b>{speed:.2f}×</b> the speed of fp32" if speed else "") + ".</p>")
+    models = "".join(f"<li>{n}: <code>{e(m['path'])}</code> ({'x'.join(map(str, m['input_shape']))}, "
+                     f"sha256 {m['sha256'][:12]}…)</li>" for n, m in document["models"].items())
+    latency = "".join(f"<li>{e(line)}</li>" for line in _latency_lines(document))
+    return f"""<!doctype html>
+<html lang=en><head><meta charset=utf-8><title>dipnet-deploy report</title>
+<style>
+body{{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:.8em 0}} td,th{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} th{{background:#f3f3f3}}
+.headline{{font-size:1.25em;background:#f6f8ff;padding:.6em .8em;border-left:4px solid #1f77b4}}
+img{{max-width:100%}} code{{font-size:.9em}} .muted{{color:#666;font-size:.9em}}
+</style></head><body>
+<h1>fp32 vs int8 — {document['count']} images, ×{document['scale']}</h1>
+{headline}
+<p class=muted>{e(_protocol_text(document))}</p>
+<h2>Summary (mean over images)</h2><table><tr>{head}</tr>{body}</table>{fidelity}
+<h2>Latency</h2><ul>{latency}</ul>
+<h2>Per image</h2><img alt="PSNR per image" src="{_embed(folder / 'psnr_per_image.png')}">
+<table><tr><th>image</th><th>LR size</th><th>tiles</th><th>bicubic</th><th>fp32</th><th>int8</th><th>drop</th>
+<th>max |int8−fp32|</th></tr>{per_image}</table>
+<h2>{e(caption)}</h2><img alt="crops" src="{_embed(folder / 'worst_crops.png')}">
+<h2>Error heatmap</h2><p class=muted>{e(heat_label)}</p>
+<img alt="error heatmap" src="{_embed(folder / 'error_heatmap.png')}">
+<h2>Models</h2><ul>{models}</ul>
+<p class=muted>Made by {e(document['tool'])}. Numbers: <code>metrics.json</code>.</p>
+</body></html>
+"""
