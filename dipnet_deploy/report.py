@@ -164,7 +164,7 @@ def _protocol_text(document: dict) -> str:
     if document["protocol"] == "sr":
         field = document["receptive_field"]
         tiling = ("tiles stitched exactly (halo {halo} px >= receptive radius {radius} px); images smaller than "
-                  "the model input are edge-padded, which touches a band near their right/bottom edge"
+                  "the model input are reflection-padded, which touches a band near their right/bottom edge"
                   if field.get("local") else
                   "tiles with a {halo} px halo; this model has global attention (ESA), which sees tile boundaries "
                   "and padding, so results deviate slightly from a whole-image run")
@@ -193,7 +193,7 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
         worst_name = Path(worst["image"]).name
         caption = (f"{worst_name}: largest int8 drop ({worst['drop_psnr_y']:.2f} dB PSNR-Y)"
                    if "int8" in images else f"{worst_name}: smallest gain over bicubic")
-        _crops_figure(images, caption, staging / "worst_crops.png", amplify=8.0)
+        _crops_figure(images, caption, staging / "worst_crops.png", amplify=32.0)
         heat_label = _heatmap(images, staging / "error_heatmap.png")
         document["worst_image"] = worst["image"]
         (staging / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
