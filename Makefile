@@ -26,13 +26,17 @@ lint: install
 calibration: install
 	$(PY) -m dipnet_deploy.calibration_set calibration
 
+# export (packaged x2 weights, 1080p) -> quantize (calibration/) -> compare (Set5 from ../shared)
 demo: install
 	$(CLI) export
 	$(CLI) quantize
 	$(CLI) compare report --data $(SHARED)/data/eval/Set5
 
 bench: install
-	$(PY) benchmarks/bench_export.py
+	$(CLI) export
+	cd benchmarks && ../$(PY) bench_export.py
+	cd benchmarks && ../$(PY) bench_quantize.py --model ../build/dipnet_x2_1080x1920.onnx
+	cd benchmarks && ../$(PY) bench_quality_floor.py
 
 clean:
 	rm -rf build report .pytest_cache

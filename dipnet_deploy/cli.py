@@ -102,7 +102,8 @@ def export(checkpoint, preset, feature_channels, mid_channels, upscale, esa, hei
     on a random image -> model card JSON beside the .onnx.
     """
     from dipnet_deploy.checkpoint import load_checkpoint
-    from dipnet_deploy.export import ExportOptions, export as run_export
+    from dipnet_deploy.export import ExportOptions
+    from dipnet_deploy.export import export as run_export
 
     loaded = load_checkpoint(_checkpoint_or_default(checkpoint), preset, feature_channels=feature_channels,
                              mid_channels=mid_channels, upscale=upscale, esa=esa)
@@ -170,24 +171,26 @@ def train(data, preset, expansion, iters, batch, patch, lr, val, val_every, save
     """
     from tqdm import tqdm
 
-    from dipnet_deploy.train import TrainConfig, train as run_train
+    from dipnet_deploy.train import TrainConfig
+    from dipnet_deploy.train import train as run_train
 
     config = TrainConfig(data=data, out=out, preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch,
                          lr=lr, val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
                          threads=threads)
-    bar = tqdm(total=iters, desc="train", unit="it", dynamic_ncols=True)
-    best = {}
+    state: dict = {"bar": None, "val": None}
 
     def progress(iteration: int, loss: float, entry: dict | None) -> None:
-        if bar.n == 0 and iteration > 1:
-            bar.update(iteration - 1)
+        if state["bar"] is None:  # made on the first iteration, so a resumed run starts where it was
+            state["bar"] = tqdm(total=iters, initial=iteration - 1, desc="train", unit="it", dynamic_ncols=True)
         if entry:
-            best.update(entry)
-        bar.set_postfix(loss=f"{loss:.4f}", **({"val_psnr_y": f"{best['val_psnr_y']:.2f}"} if best else {}))
-        bar.update(1)
+            state["val"] = entry["val_psnr_y"]
+        postfix = {"loss": f"{loss:.4f}"} | ({"val_psnr_y": f"{state['val']:.2f}"} if state["val"] else {})
+        state["bar"].set_postfix(postfix, refresh=False)
+        state["bar"].update(1)
 
     result = run_train(config, progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
-    bar.close()
+    if state["bar"] is not None:
+        state["bar"].close()
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s)")
     if as_json:
         last = result.history[-1] if result.history else {}
@@ -235,7 +238,8 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     of images. onnxruntime's quantizer writes the model from these ranges; the ranges JSON
     and a model card are written beside it.
     """
-    from dipnet_deploy.quantize import QuantizeOptions, quantize as run_quantize
+    from dipnet_deploy.quantize import QuantizeOptions
+    from dipnet_deploy.quantize import quantize as run_quantize
 
     if calib is None and ranges is None:
         calib = Path(__file__).resolve().parent.parent / "calibration"
@@ -283,7 +287,8 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
     """
     from tqdm import tqdm
 
-    from dipnet_deploy.compare import CompareOptions, compare as run_compare
+    from dipnet_deploy.compare import CompareOptions
+    from dipnet_deploy.compare import compare as run_compare
     from dipnet_deploy.quantize import default_int8_path
     from dipnet_deploy.report import write_report
 

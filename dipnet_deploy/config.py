@@ -27,14 +27,14 @@ class DIPNetConfig:
     num_blocks: int = 4
     expansion: int = 64
 
-    def replace(self, **changes) -> "DIPNetConfig":
+    def replace(self, **changes) -> DIPNetConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "DIPNetConfig":
+    def from_dict(cls, data: dict) -> DIPNetConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 

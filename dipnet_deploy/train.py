@@ -30,6 +30,8 @@ from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, read_rgb8
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score
 
+ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least one pixel
+
 
 @dataclass
 class TrainConfig:
@@ -160,6 +162,9 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
         if getattr(cfg, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')}", "must be positive")
     config = PRESETS[cfg.preset].replace(expansion=cfg.expansion)
+    if config.esa and cfg.patch // config.upscale < ESA_MIN_SIZE:
+        raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px "
+                                    f"(--patch >= {ESA_MIN_SIZE * config.upscale} at x{config.upscale})")
     ensure_parent(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

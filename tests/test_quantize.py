@@ -9,8 +9,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from dipnet_deploy.calibrate import (EntropyObserver, MaxObserver, MseObserver, PercentileObserver, calibrate,
-                                     float_tensors, values_model)
+from dipnet_deploy.calibrate import (
+    EntropyObserver,
+    MaxObserver,
+    MseObserver,
+    PercentileObserver,
+    calibrate,
+    float_tensors,
+    values_model,
+)
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import read_rgb8, seed_preprocess
@@ -66,8 +73,7 @@ def test_streaming_max_ranges_equal_whole_image_ranges(x2_small, calib_dir):
 
 
 def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, calib_dir, tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     files = sorted(calib_dir.iterdir())
@@ -146,8 +152,7 @@ def test_histogram_methods_end_to_end(method, x2_small, calib_dir, tmp_path):
 
 def test_quality_floor_official_x4_against_stock(official_x4, calib_dir, tmp_path):
     """int8-vs-fp32 PSNR on Set5 matches stock quantize_static's (MinMax, per channel, QDQ)."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     height, width = 96, 160
     fp32 = export(load_checkpoint(official_x4), tmp_path / "x4.onnx", ExportOptions(height, width)).onnx_path

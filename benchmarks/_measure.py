@@ -1,0 +1,25 @@
+"""Run a Python snippet in a fresh process and report its wall time and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+FOOTER = """
+import json as _json, resource as _resource, time as _time
+print("@@" + _json.dumps({"seconds": _time.perf_counter() - _began,
+                          "peak_rss_mb": _resource.getrusage(_resource.RUSAGE_SELF).ru_maxrss / 1024,
+                          **globals().get("result", {})}))
+"""
+
+
+def measure(code: str) -> dict:
+    """Execute ``code`` (it may set a dict ``result``) and return seconds, peak RSS and result."""
+    script = "import time as _t\n_began = _t.perf_counter()\n" + textwrap.dedent(code) + FOOTER
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    line = next(line for line in done.stdout.splitlines()[::-1] if line.startswith("@@"))
+    return json.loads(line[2:])
