@@ -244,7 +244,8 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     card_path = output.with_suffix(".json")
     write_json_atomic(card_path, card)
     summary_line = {
-        "int8": str(output), "ranges": str(ranges_path), "card": str(card_path), "method": document["method"],
+        "model": str(model_path), "int8": str(output), "ranges": str(ranges_path), "card": str(card_path),
+        "method": document["method"],
         "images_used": len(document["calibration_files"]), "images_skipped": len(document.get("skipped", [])),
         "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

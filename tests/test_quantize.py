@@ -50,6 +50,20 @@ def calib_dir(tmp_path_factory):
     return directory
 
 
+def stock_reader(files, height, width):
+    """onnxruntime's CalibrationDataReader over the seed-preprocessed files (for stock quantize_static)."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    return Reader()
+
+
 def whole_image_ranges(model_path, files, height, width):
     """Independent reference: every tensor as a real output, min/max in numpy."""
     model = onnx.load(str(model_path))
@@ -73,20 +87,13 @@ def test_streaming_max_ranges_equal_whole_image_ranges(x2_small, calib_dir):
 
 
 def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, calib_dir, tmp_path):
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
     files = sorted(calib_dir.iterdir())
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], 40, 56)} for p in files])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     stock_model, stock_cache = tmp_path / "stock.onnx", tmp_path / "stock_cache.json"
-    quantize_static(str(x2_small), str(stock_model), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(x2_small), str(stock_model), stock_reader(files, 40, 56), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=str(stock_cache))
     result = quantize(x2_small, tmp_path / "ours.int8.onnx", calib_dir)
@@ -152,21 +159,14 @@ def test_histogram_methods_end_to_end(method, x2_small, calib_dir, tmp_path):
 
 def test_quality_floor_official_x4_against_stock(official_x4, calib_dir, tmp_path):
     """int8-vs-fp32 PSNR on Set5 matches stock quantize_static's (MinMax, per channel, QDQ)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     height, width = 96, 160
     fp32 = export(load_checkpoint(official_x4), tmp_path / "x4.onnx", ExportOptions(height, width)).onnx_path
     files = sorted(calib_dir.iterdir())
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
-
-        def get_next(self):
-            return next(self.batches, None)
-
     stock = tmp_path / "stock.onnx"
-    quantize_static(str(fp32), str(stock), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(fp32), str(stock), stock_reader(files, height, width), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     ours = quantize(fp32, tmp_path / "x4.int8.onnx", calib_dir).int8_path
     sessions = {k: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])

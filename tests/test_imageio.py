@@ -1,0 +1,56 @@
+"""Image reading conversions and the seed's pre/post-processing."""
+
+import cv2
+import numpy as np
+import pytest
+
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.imageio import read_rgb8, seed_postprocess, seed_preprocess
+
+
+@pytest.fixture
+def bgr():
+    return (np.random.default_rng(0).random((20, 30, 3)) * 255).astype(np.uint8)
+
+
+def test_colour_png_is_rgb(tmp_path, bgr):
+    cv2.imwrite(str(tmp_path / "c.png"), bgr)
+    rgb, notes = read_rgb8(tmp_path / "c.png")
+    assert np.array_equal(rgb, bgr[..., ::-1]) and notes == []
+
+
+def test_conversions_are_explicit(tmp_path, bgr):
+    gray = bgr[..., 0]
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    rgb, notes = read_rgb8(tmp_path / "g.png")
+    assert np.array_equal(rgb, np.repeat(gray[..., None], 3, 2)) and notes == ["gray replicated to RGB"]
+
+    bgra = np.concatenate([bgr, np.full((20, 30, 1), 7, np.uint8)], axis=2)
+    cv2.imwrite(str(tmp_path / "a.png"), bgra)
+    rgb, notes = read_rgb8(tmp_path / "a.png")
+    assert np.array_equal(rgb, bgr[..., ::-1]) and notes == ["alpha channel dropped"]
+
+    deep = bgr.astype(np.uint16) * 257  # 8-bit values scaled exactly to 16 bits
+    cv2.imwrite(str(tmp_path / "d.png"), deep)
+    rgb, notes = read_rgb8(tmp_path / "d.png")
+    assert np.array_equal(rgb, bgr[..., ::-1]) and notes == ["16-bit converted to 8-bit"]
+
+
+def test_unreadable_files_raise_input_error(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    with pytest.raises(InputError, match="x.png: not a readable image"):
+        read_rgb8(tmp_path / "x.png")
+    with pytest.raises(InputError, match="no such file"):
+        read_rgb8(tmp_path / "missing.png")
+
+
+def test_seed_pre_and_post_processing(bgr):
+    rgb = bgr[..., ::-1]
+    x = seed_preprocess(rgb, 20, 30)  # same size: resize is the identity
+    assert x.shape == (1, 3, 20, 30) and x.dtype == np.float32
+    assert np.allclose(x[0, 0], bgr[..., 2] / 255.0)  # channel 0 is red
+    assert np.array_equal(seed_postprocess(x), bgr)  # back to BGR uint8 exactly
+    resized = seed_preprocess(rgb, 40, 60)
+    expected = cv2.resize(bgr, (60, 40), interpolation=cv2.INTER_LINEAR)[..., ::-1].transpose(2, 0, 1) / 255.0
+    assert np.allclose(resized[0], expected, atol=1e-7)
+    assert np.array_equal(seed_postprocess(np.full((1, 3, 2, 2), 0.5019608, np.float32))[0, 0], [128, 128, 128])
