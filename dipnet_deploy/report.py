@@ -164,7 +164,7 @@ def _protocol_text(document: dict) -> str:
     if document["protocol"] == "sr":
         field = document["receptive_field"]
         tiling = ("tiles stitched exactly (halo {halo} px >= receptive radius {radius} px); images smaller than "
-                  "the model input are reflection-padded, which touches a band near their right/bottom edge"
+                  "the model input are mirror-padded, which touches a band near their right/bottom edge"
                   if field.get("local") else
                   "tiles with a {halo} px halo; this model has global attention (ESA), which sees tile boundaries "
                   "and padding, so results deviate slightly from a whole-image run")
