@@ -34,19 +34,25 @@ class LoadedCheckpoint:
     fold_max_abs_diff: float | None = None  # filled by verify_fold when training form
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Load the weights of a checkpoint file; return them and the entry they came from."""
+def load_file(path: str | Path) -> dict:
+    """``torch.load(weights_only=True)`` of a checkpoint file, with one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such checkpoint file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises many types on foreign or damaged files
-
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(path, f"not a PyTorch checkpoint ({first_line[:160]})") from None
     if not isinstance(data, dict):
         raise InputError(path, f"not a state dict (holds a {type(data).__name__})")
+    return data
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Load the weights of a checkpoint file; return them and the entry they came from."""
+    path = Path(path)
+    data = load_file(path)
     source = "state_dict"
     for key in BASICSR_KEYS:
         if isinstance(data.get(key), dict):

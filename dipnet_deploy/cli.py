@@ -238,13 +238,11 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     of images. onnxruntime's quantizer writes the model from these ranges; the ranges JSON
     and a model card are written beside it.
     """
-    from dipnet_deploy.quantize import QuantizeOptions
+    from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir
     from dipnet_deploy.quantize import quantize as run_quantize
 
     if calib is None and ranges is None:
-        calib = Path(__file__).resolve().parent.parent / "calibration"
-        if not calib.is_dir():
-            calib = Path("calibration")
+        calib = default_calibration_dir()
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit)
@@ -287,15 +285,13 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
     """
     from tqdm import tqdm
 
-    from dipnet_deploy.compare import CompareOptions
+    from dipnet_deploy.compare import CompareOptions, default_int8_for
     from dipnet_deploy.compare import compare as run_compare
-    from dipnet_deploy.quantize import default_int8_path
     from dipnet_deploy.report import write_report
 
     if not data.is_dir():
         raise InputError(data, "not a directory")
-    if int8_path is None and default_int8_path(fp32_path).is_file():
-        int8_path = default_int8_path(fp32_path)
+    int8_path = int8_path or default_int8_for(fp32_path)
     if report_dir.exists() and not report_dir.is_dir():
         raise InputError(report_dir, "exists and is not a directory")
     options = CompareOptions(protocol, limit, workers, repeats)

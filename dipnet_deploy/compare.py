@@ -167,6 +167,14 @@ def measure_latency(runners: dict[str, TiledRunner], repeats: int) -> dict:
     return latency
 
 
+def default_int8_for(fp32_path: Path) -> Path | None:
+    """The int8 model `quantize` writes beside ``fp32_path`` by default, when it exists."""
+    from dipnet_deploy.quantize import default_int8_path
+
+    candidate = default_int8_path(Path(fp32_path))
+    return candidate if candidate.is_file() else None
+
+
 def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: CompareOptions = CompareOptions(),
             progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it,
             warn: Callable[[str], None] = print) -> Comparison:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dipnet_deploy.checkpoint import load_checkpoint
+from dipnet_deploy.checkpoint import load_checkpoint, load_file
 from dipnet_deploy.fileio import atomic_path, sha256_file, write_json_atomic
 from dipnet_deploy.imageio import list_images, read_rgb8
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score
@@ -33,7 +33,7 @@ def evaluate(model: torch.nn.Module, directory: Path, scale: int) -> dict:
 
 
 def package(checkpoint: Path, eval_root: Path, name: str = "dipnet_x2") -> Path:
-    raw = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    raw = load_file(checkpoint)
     loaded = load_checkpoint(checkpoint)
     scale = loaded.config.upscale
     target = WEIGHTS_DIR / f"{name}.pth"

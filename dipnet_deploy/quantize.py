@@ -47,6 +47,12 @@ class QuantizeResult:
     summary: dict = field(default_factory=dict)
 
 
+def default_calibration_dir() -> Path:
+    """The project's calibration/ set: beside the package in a checkout, else ./calibration."""
+    beside_package = Path(__file__).resolve().parent.parent / "calibration"
+    return beside_package if beside_package.is_dir() else Path("calibration")
+
+
 def default_int8_path(fp32_path: Path) -> Path:
     return fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
 

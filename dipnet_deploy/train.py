@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model, fold_model
-from dipnet_deploy.checkpoint import check_state_dict, read_state_dict
+from dipnet_deploy.checkpoint import check_state_dict, load_file
 from dipnet_deploy.config import PRESETS, DIPNetConfig
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
@@ -126,10 +126,8 @@ def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], Non
 
 
 def _resume_state(path: Path, config: DIPNetConfig) -> dict:
-    state, _ = read_state_dict(path)  # validates the file and reports bad ones clearly
-    del state
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(checkpoint, dict) or "optimizer" not in checkpoint or "params" not in checkpoint:
+    checkpoint = load_file(path)
+    if "optimizer" not in checkpoint or not isinstance(checkpoint.get("params"), dict):
         raise InputError(path, "not a resumable training checkpoint (no optimizer state)")
     saved = DIPNetConfig.from_dict(checkpoint.get("config", {}))
     if saved != config:
