@@ -150,7 +150,12 @@ def info(path, height, width, as_json):
 @click.option("--batch", type=click.IntRange(1), default=16, show_default=True, help="Patches per iteration.")
 @click.option("--patch", type=click.IntRange(2), default=64, show_default=True, help="HR patch side in pixels.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
-              help="Initial Adam learning rate (cosine decay to 1e-6).")
+              help="Peak Adam learning rate of the cosine cycle (decays to 1e-6 at --iters).")
+@click.option("--loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
+              help="Pixel loss; mse is for a final PSNR fine-tune after the L1 stage.")
+@click.option("--restart", is_flag=True,
+              help="With --resume: start a new cosine cycle at --lr from the resumed iteration (warm restart, "
+                   "e.g. for a fine-tune). Without it a resumed run continues its cycle.")
 @click.option("--val", type=click.Path(path_type=Path), help="HR validation images (Y-PSNR, crop = scale).")
 @click.option("--val-every", type=click.IntRange(1), default=1000, show_default=True, help="Validate every K iterations.")
 @click.option("--save-every", type=click.IntRange(1), default=500, show_default=True,
@@ -162,12 +167,13 @@ def info(path, height, width, as_json):
 @click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
 @user_errors
-def train(data, preset, expansion, iters, batch, patch, lr, val, val_every, save_every, out, resume, seed, threads,
-          as_json):
+def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, val_every, save_every, out, resume, seed,
+          threads, as_json):
     """Train the training-form (three-branch) DIPNet on HR images, BasicSR style.
 
-    LR inputs are the MATLAB-bicubic LR of each image (as `compare` makes them), L1 loss,
-    Adam, cosine decay, EMA weights; checkpoints can be resumed and fold on export.
+    LR inputs are the MATLAB-bicubic LR of each image (as `compare` makes them), L1 (or MSE)
+    loss, Adam, cosine decay, EMA weights; checkpoints can be resumed (optionally with a
+    warm restart of the schedule) and fold on export.
     """
     from tqdm import tqdm
 
@@ -175,7 +181,8 @@ def train(data, preset, expansion, iters, batch, patch, lr, val, val_every, save
     from dipnet_deploy.train import train as run_train
 
     config = TrainConfig(data=data, out=out, preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch,
-                         lr=lr, val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
+                         lr=lr, loss=loss, restart=restart, val=val, val_every=val_every, save_every=save_every,
+                         seed=seed, resume=resume,
                          threads=threads)
     state: dict = {"bar": None, "val": None}
 

@@ -32,7 +32,7 @@ def evaluate(model: torch.nn.Module, directory: Path, scale: int) -> dict:
     return {key: round(float(np.mean([r[key] for r in rows])), 4) for key in rows[0]} | {"images": len(rows)}
 
 
-def package(checkpoint: Path, eval_root: Path, name: str = "dipnet_x2") -> Path:
+def package(checkpoint: Path, eval_root: Path, name: str = "dipnet_x2", stages: str = "") -> Path:
     raw = load_file(checkpoint)
     loaded = load_checkpoint(checkpoint)
     scale = loaded.config.upscale
@@ -52,7 +52,8 @@ def package(checkpoint: Path, eval_root: Path, name: str = "dipnet_x2") -> Path:
         "wall_seconds": round(float(raw.get("wall_seconds", 0.0)), 1),
         "machine": f"{platform.machine()} CPU, 2 threads",
         "seed": train.get("seed"),
-        "recipe": {k: train.get(k) for k in ("batch", "patch", "lr", "lr_min", "ema_decay")},
+        "recipe": {k: train.get(k) for k in ("batch", "patch", "lr", "lr_min", "loss", "restart", "ema_decay")},
+        "stages": stages,  # how the runs before the last one were set (the checkpoint keeps only the last)
         "curve": raw.get("history", []),
         "eval_protocol": "BasicSR: MATLAB-bicubic uint8 LR, output rounded to uint8, Y (BT.601), crop = scale",
         "eval": {name: evaluate(loaded.model, eval_root / name, scale) for name in ("Set5", "Set14", "BSD68")
@@ -66,6 +67,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--eval", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "eval")
+    parser.add_argument("--stages", default="", help="the training stages that led to this checkpoint, in words")
     args = parser.parse_args()
-    written = package(args.checkpoint, args.eval)
+    written = package(args.checkpoint, args.eval, stages=args.stages)
     print(f"wrote {written} and {written.with_suffix('.json')}")

@@ -2,7 +2,8 @@
 
 Random HR crops with flips/rot90; the LR of each training image is the MATLAB-bicubic
 uint8 LR of the whole image, made once when the data is loaded (the benchmark's own LR,
-so no patch-border effects); L1 loss; Adam (0.9, 0.99); cosine decay; EMA of the weights.
+so no patch-border effects); L1 loss (MSE for a PSNR fine-tune); Adam (0.9, 0.99); cosine
+decay, optionally restarted from a resumed checkpoint (SGDR); EMA of the weights.
 Checkpoints use the BasicSR layout ``{"params", "params_ema", "iter", "config", ...}`` and are
 written atomically, so a run can stop at any time and continue with ``resume``.
 Randomness of iteration i comes from ``(seed, i)`` alone, so a resumed run draws the same
@@ -44,6 +45,8 @@ class TrainConfig:
     patch: int = 64  # HR patch side
     lr: float = 5e-4
     lr_min: float = 1e-6
+    loss: str = "l1"  # "mse" fine-tunes for PSNR, as NTIRE efficient-SR entries do after the L1 stage
+    restart: bool = False  # with resume: a new cosine cycle from lr, starting at the resumed iteration
     ema_decay: float = 0.999
     val: Path | None = None
     val_every: int = 500
@@ -125,6 +128,15 @@ def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], Non
     return pairs
 
 
+LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+
+
+def cosine_lr(iteration: int, cycle_start: int, cycle_end: int, peak: float, floor: float) -> float:
+    """Learning rate of ``iteration`` (1-based) in a cosine cycle from ``peak`` at ``cycle_start`` to ``floor``."""
+    progress = min(1.0, (iteration - cycle_start) / max(1, cycle_end - cycle_start))
+    return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
+
+
 def _resume_state(path: Path, config: DIPNetConfig) -> dict:
     checkpoint = load_file(path)
     if "optimizer" not in checkpoint or not isinstance(checkpoint.get("params"), dict):
@@ -136,7 +148,7 @@ def _resume_state(path: Path, config: DIPNetConfig) -> dict:
     return checkpoint
 
 
-def _save(path: Path, model, ema, optimizer, scheduler, iteration, config, train_config, history, wall) -> None:
+def _save(path: Path, model, ema, optimizer, cycle_start, iteration, config, train_config, history, wall) -> None:
     payload = {
         "wall_seconds": wall,
         "params": model.state_dict(),
@@ -144,7 +156,7 @@ def _save(path: Path, model, ema, optimizer, scheduler, iteration, config, train
         "iter": iteration,
         "config": config.to_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
+        "schedule": {"cycle_start": cycle_start, "lr": train_config.lr, "lr_min": train_config.lr_min},
         "train": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(train_config).items()},
         "history": history,
     }
@@ -156,6 +168,10 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
     """Run (or continue) training; returns the final checkpoint path and figures."""
     if cfg.preset not in PRESETS:
         raise InputError("--preset", f"unknown preset {cfg.preset!r}")
+    if cfg.loss not in LOSSES:
+        raise InputError("--loss", f"unknown loss {cfg.loss!r} (choose from {', '.join(LOSSES)})")
+    if cfg.restart and not cfg.resume:
+        raise InputError("--restart", "needs --resume (it restarts the schedule of a resumed run)")
     for name in ("iters", "batch", "patch", "val_every", "save_every"):
         if getattr(cfg, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')}", "must be positive")
@@ -174,16 +190,18 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
     model = build_train_model(config).train()
     ema = copy.deepcopy(model).eval()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.iters, eta_min=cfg.lr_min)
-    start, history, wall_before = 0, [], 0.0
+    start, cycle_start, history, wall_before = 0, 0, [], 0.0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["params"])
         ema.load_state_dict(checkpoint["params_ema"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scheduler.T_max = cfg.iters  # a resumed run may extend the schedule
         start, history = int(checkpoint["iter"]), list(checkpoint.get("history", []))
         wall_before = float(checkpoint.get("wall_seconds", 0.0))
+        # a resumed run continues its cycle (--iters may extend it) unless told to restart it here
+        cycle_start = start if cfg.restart else int(checkpoint.get("schedule", {}).get("cycle_start", 0))
+    if start >= cfg.iters:
+        raise InputError(cfg.resume, f"checkpoint is already at iteration {start}; --iters {cfg.iters} leaves nothing to do")
+    loss_fn = LOSSES[cfg.loss]
     for parameter in ema.parameters():
         parameter.requires_grad_(False)
 
@@ -191,11 +209,12 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
     for iteration in range(start + 1, cfg.iters + 1):
         rng = np.random.default_rng([cfg.seed, iteration])
         lr_batch, hr_batch = data.batch(rng, cfg.batch)
-        loss = F.l1_loss(model(lr_batch), hr_batch)
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(iteration, cycle_start, cfg.iters, cfg.lr, cfg.lr_min)
+        loss = loss_fn(model(lr_batch), hr_batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        scheduler.step()
         with torch.no_grad():
             for target, source in zip(ema.parameters(), model.parameters()):
                 target.lerp_(source, 1.0 - cfg.ema_decay)
@@ -207,7 +226,7 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
             history.append(entry)
         if iteration % cfg.save_every == 0 or iteration == cfg.iters:
             wall = wall_before + time.perf_counter() - began
-            _save(cfg.out, model, ema, optimizer, scheduler, iteration, config, cfg, history, wall)
+            _save(cfg.out, model, ema, optimizer, cycle_start, iteration, config, cfg, history, wall)
         if progress:
             progress(iteration, loss_value, entry)
     seconds = time.perf_counter() - began

@@ -9,7 +9,7 @@ import torch
 
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.cli import PACKAGED_WEIGHTS
-from dipnet_deploy.train import TrainConfig, train
+from dipnet_deploy.train import TrainConfig, cosine_lr, train
 
 
 @pytest.fixture
@@ -59,6 +59,27 @@ def test_resume_continues_exactly(photos, tmp_path):
     assert a["iter"] == b["iter"] == 4
     for key in a["params"]:
         assert torch.equal(a["params"][key], b["params"][key]), key
+
+
+def test_cosine_schedule_and_warm_restart(photos, tmp_path, invoke):
+    assert cosine_lr(0, 0, 100, 1e-3, 1e-6) == pytest.approx(1e-3)
+    assert cosine_lr(50, 0, 100, 1e-3, 1e-6) == pytest.approx((1e-3 + 1e-6) / 2)
+    assert cosine_lr(100, 0, 100, 1e-3, 1e-6) == pytest.approx(1e-6)
+    first = tmp_path / "first.pth"
+    train(small(photos, first, iters=2), warn=lambda m: None)
+    second = tmp_path / "second.pth"
+    code, _, err = invoke("train", "--data", photos, "--resume", first, "--restart", "--loss", "mse", "--lr", "2e-4",
+                          "--iters", "6", "--batch", "2", "--patch", "16", "--expansion", "8", "--out", second)
+    assert code == 0, err
+    state = torch.load(second, weights_only=True)
+    assert state["iter"] == 6 and state["schedule"]["cycle_start"] == 2 and state["train"]["loss"] == "mse"
+    # the last step of the new cycle ran at the floor of a cosine that began at iteration 2 with 2e-4
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(cosine_lr(6, 2, 6, 2e-4, 1e-6))
+    code, _, err = invoke("train", "--data", photos, "--restart", "--out", tmp_path / "x.pth")
+    assert code == 2 and "--restart" in err and "needs --resume" in err
+    code, _, err = invoke("train", "--data", photos, "--resume", second, "--iters", "6", "--batch", "2", "--patch", "16",
+                          "--expansion", "8", "--out", tmp_path / "y.pth")
+    assert code == 2 and "already at iteration 6" in err
 
 
 def test_bad_train_input(photos, tmp_path, invoke):
