@@ -403,13 +403,14 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
 Progress = Callable[[Collection, str], Iterable]
 
 
-def observe_ranges(model: onnx.ModelProto, tensors: list[str], inputs: Collection[np.ndarray], progress: Progress,
-                   native: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+def observe_ranges(model: onnx.ModelProto, tensors: list[str], sizes: dict[str, int], inputs: Collection[np.ndarray],
+                   progress: Progress, native: bool = True) -> tuple[dict[str, float], dict[str, float]]:
     """Exact min and max of each tensor over all inputs, one forward per input.
 
     ``native`` reads the tensors in onnxruntime's own optimized layout (fast); the portable
     graph reads them in NCHW. Padded blocked tensors whose range came out touching 0 might owe
-    that 0 to the padding: only those are measured again with the portable graph.
+    that 0 to the padding: only those are measured again with the portable graph. ``sizes``:
+    bytes per tensor (``tensor_bytes``).
     """
     input_name = model.graph.input[0].name
     if native:
@@ -419,7 +420,7 @@ def observe_ranges(model: onnx.ModelProto, tensors: list[str], inputs: Collectio
         graph, blocked = range_model(model, tensors), []
         runner = session(graph, arena=True)
     names = [vi.name for vi in graph.graph.output]
-    elements = {name: size // 4 for name, size in tensor_bytes(model).items()}
+    elements = {name: size // 4 for name, size in sizes.items()}
     low: dict[str, float] = {}
     high: dict[str, float] = {}
     padded: set[str] = set()
@@ -432,7 +433,7 @@ def observe_ranges(model: onnx.ModelProto, tensors: list[str], inputs: Collectio
     del runner
     unsure = [name for name in tensors if name in padded and (low[name] == 0.0 or high[name] == 0.0)]
     if unsure:
-        again = observe_ranges(model, unsure, inputs, progress, native=False)
+        again = observe_ranges(model, unsure, sizes, inputs, progress, native=False)
         for name in unsure:
             low[name], high[name] = again[0][name], again[1][name]
     return low, high
@@ -450,7 +451,8 @@ def calibrate(
     input_name = model.graph.input[0].name
     tensors = float_tensors(model)
     derived = derived_ranges(model)
-    low, high = observe_ranges(model, [name for name in tensors if name not in derived], inputs, progress)
+    sizes = tensor_bytes(model)
+    low, high = observe_ranges(model, [name for name in tensors if name not in derived], sizes, inputs, progress)
     pending = {name: rule for name, rule in derived.items() if name in tensors}
     while pending:  # a source may itself be derived (DepthToSpace after an activation)
         ready = {name: rule for name, rule in pending.items() if rule[0] in low}
@@ -462,7 +464,7 @@ def calibrate(
     for name in tensors:
         observer.update_range(name, low[name], high[name])
     if observer.needs_histograms:
-        groups = group_by_budget(tensors, tensor_bytes(model), budget_bytes)
+        groups = group_by_budget(tensors, sizes, budget_bytes)
         sessions = [(group, session(values_model(model, group))) for group in groups]
         for batch in progress(inputs, f"calibrate (histograms, {len(groups)} passes)"):
             for group, runner in sessions:

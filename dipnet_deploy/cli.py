@@ -182,8 +182,7 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 
     config = TrainConfig(data=data, out=out, preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch,
                          lr=lr, loss=loss, restart=restart, val=val, val_every=val_every, save_every=save_every,
-                         seed=seed, resume=resume,
-                         threads=threads)
+                         seed=seed, resume=resume, threads=threads)
     state: dict = {"bar": None, "val": None}
 
     def progress(iteration: int, loss: float, entry: dict | None) -> None:
