@@ -1,11 +1,11 @@
 """Quality floor of `max` vs stock quantize_static on the official x4 weights (issue setting).
 
 Export at 270x480, calibrate on 4 photos of ../shared/data/train, measure int8-vs-fp32 PSNR
-(seed protocol input, RGB) on Set5 for ours and for stock (MinMax, per channel, QDQ). Both use
-the same ranges up to the float rounding of the kernels that computed them, so single results
-differ by noise of a few mdB either way: this is repeated on disjoint 4-photo subsets and the
-mean difference reported. Then the Y-PSNR against ground truth on Set5 / Set14 / BSD68 (sr
-protocol) of fp32 and both int8 models of subset 0.
+(seed protocol input, RGB) on Set5 for ours (default: equalized), ours with --no-equalize, and
+stock (MinMax, per channel, QDQ). Without equalization ours uses stock's ranges up to the float
+rounding of the kernels that computed them, so those two differ by noise of a few mdB either way.
+Repeated on disjoint 4-photo subsets. Then the Y-PSNR against ground truth on Set5 / Set14 /
+BSD68 (sr protocol) of fp32 and the int8 models of subset 0.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.metrics import psnr
-from dipnet_deploy.quantize import quantize
+from dipnet_deploy.quantize import QuantizeOptions, quantize
 
 SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -72,25 +72,32 @@ def main() -> None:
         outs = [np.clip(runner.run(None, {"input": x})[0][0] * 255, 0, 255) for x in inputs]
         return float(np.mean([psnr(o.transpose(1, 2, 0), r.transpose(1, 2, 0)) for o, r in zip(outs, fp32_out)]))
 
-    differences = []
+    gains, noise = [], []
     for offset in range(args.subsets):
         calib = calibration_subset(work, offset)
-        ours = quantize(fp32, work / f"ours{offset}.int8.onnx", calib, warn=lambda m: None).int8_path
-        stock = stock_minmax(fp32, calib, work / f"stock{offset}.onnx", height, width)
-        scores = {"ours": fidelity(ours), "stock": fidelity(stock)}
-        differences.append(scores["ours"] - scores["stock"])
-        print(f"subset {offset}: int8-vs-fp32 PSNR on Set5 ours (max) {scores['ours']:.4f} dB, "
-              f"stock MinMax {scores['stock']:.4f} dB, difference {differences[-1]:+.4f} dB", flush=True)
-    print(f"over {len(differences)} subsets: mean difference {np.mean(differences):+.4f} dB, "
-          f"ours >= stock in {sum(d >= 0 for d in differences)}")
-    ours, stock = work / "ours0.int8.onnx", work / "stock0.onnx"
+        models = {
+            "ours": quantize(fp32, work / f"ours{offset}.int8.onnx", calib, warn=lambda m: None).int8_path,
+            "ours --no-equalize": quantize(fp32, work / f"plain{offset}.int8.onnx", calib, warn=lambda m: None,
+                                           options=QuantizeOptions(equalize=False)).int8_path,
+            "stock": stock_minmax(fp32, calib, work / f"stock{offset}.onnx", height, width),
+        }
+        scores = {label: fidelity(model) for label, model in models.items()}
+        gains.append(scores["ours"] - scores["stock"])
+        noise.append(scores["ours --no-equalize"] - scores["stock"])
+        print(f"subset {offset}: int8-vs-fp32 PSNR on Set5: ours {scores['ours']:.4f} dB, ours --no-equalize "
+              f"{scores['ours --no-equalize']:.4f} dB, stock MinMax {scores['stock']:.4f} dB | ours - stock "
+              f"{gains[-1]:+.4f} dB, --no-equalize - stock {noise[-1]:+.4f} dB", flush=True)
+    print(f"over {len(gains)} subsets: ours - stock mean {np.mean(gains):+.4f} dB (min {min(gains):+.4f}), "
+          f"--no-equalize - stock mean {np.mean(noise):+.4f} dB (min {min(noise):+.4f})")
+    models = {"ours": work / "ours0.int8.onnx", "ours --no-equalize": work / "plain0.int8.onnx",
+              "stock": work / "stock0.onnx"}
     for name in ("Set5", "Set14", "BSD68"):
-        for label, model in (("ours", ours), ("stock", stock)):
+        for label, model in models.items():
             m = means(compare(fp32, model, SHARED / "data" / "eval" / name, CompareOptions(latency_repeats=1)).rows)
-            print(f"{name} x4 sr protocol (subset 0), {label}: fp32 {m['psnr_y']['fp32']:.2f} dB, int8 "
-                  f"{m['psnr_y']['int8']:.2f} dB (loss {m['psnr_y']['fp32'] - m['psnr_y']['int8']:.2f}), "
-                  f"bicubic {m['psnr_y']['bicubic']:.2f}")
-
+            print(f"{name} x4 sr protocol (subset 0), {label}: fp32 {m['psnr_y']['fp32']:.3f} dB, int8 "
+                  f"{m['psnr_y']['int8']:.3f} dB (loss {m['psnr_y']['fp32'] - m['psnr_y']['int8']:.3f}), "
+                  f"SSIM-Y fp32 {m['ssim_y']['fp32']:.4f} int8 {m['ssim_y']['int8']:.4f}, "
+                  f"bicubic {m['psnr_y']['bicubic']:.2f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -3,12 +3,14 @@
 Why not onnxruntime's own calibrator: it makes every intermediate tensor a graph output and
 keeps them for every image (8.6 GB for one 1080p frame of the x2 model). Here:
 
-- Pass 1 (every method) adds a ReduceMin and a ReduceMax node per float tensor and makes only
-  those scalars graph outputs; each activation is freed after its last consumer as usual, so
-  peak memory is one forward's and the statistics are exact whole-image min/max. To cost little
-  more than a plain forward, the reductions read the tensors where onnxruntime's optimized
-  graph keeps them (see ``native_range_model``): fused Conv+LeakyRelu outputs, in the blocked
-  NCHWc layout, with no reorder to NCHW and no fusion broken.
+- Pass 1 (every method) adds per-channel min/max reductions of each float tensor and makes only
+  those small vectors graph outputs; each activation is freed after its last consumer as usual,
+  so peak memory is one forward's and the statistics are exact whole-image values. To cost
+  little more than a plain forward, the reductions read the tensors where onnxruntime's
+  optimized graph keeps them (see ``native_range_model``): fused Conv+LeakyRelu outputs, in the
+  blocked NCHWc layout, with no reorder to NCHW and no fusion broken.
+- Per-channel ranges let ``equalize`` rescale channels before quantization; the ranges of the
+  rescaled model follow from them exactly, so this costs no pass.
 - Pass 2 (histogram methods only) needs the values themselves: the tensors are split into
   groups whose outputs fit a memory budget, and each group is one extra forward per image.
   Histograms have a fixed range (pass 1's min/max) and a fixed bin count, so each image is
@@ -23,12 +25,16 @@ import math
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales, equalized_channel_ranges
 
 HISTOGRAM_BINS = 2048
 PASS2_BUDGET_BYTES = 768 << 20  # outputs of one pass-2 forward
@@ -244,61 +250,94 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     return [name for name in names if types.get(name) == TensorProto.FLOAT]
 
 
-def derived_ranges(model: onnx.ModelProto) -> dict[str, tuple[str, Callable[[float], float]]]:
-    """Tensors whose exact min/max follow from another tensor's: tensor -> (source, monotone map).
+RangeMap = Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
-    DepthToSpace only moves values. LeakyRelu is strictly increasing, so min/max commute with
-    it both ways. Where the LeakyRelu is its input's only reader, onnxruntime fuses it into the
-    producing Conv and only the activated tensor exists: that one is reduced and the
-    pre-activation range is mapped back (dividing by alpha: exact up to one float rounding).
-    Otherwise the input is reduced and mapped forward (the kernel's own float32 product).
+
+def derived_ranges(model: onnx.ModelProto) -> dict[str, tuple[str, RangeMap]]:
+    """Tensors whose exact per-channel min/max follow from another tensor's: tensor -> (source, map).
+
+    DepthToSpace only moves values (each output channel gathers blocksize^2 input channels).
+    LeakyRelu is strictly increasing, so min/max commute with it both ways. Where the LeakyRelu
+    is its input's only reader, onnxruntime fuses it into the producing Conv and only the
+    activated tensor exists: that one is reduced and the pre-activation range is mapped back
+    (dividing by alpha: exact up to one float rounding). Otherwise the input is reduced and
+    mapped forward (the kernel's own float32 product).
     """
     readers: dict[str, int] = {}
     for node in model.graph.node:
         for name in node.input:
             readers[name] = readers.get(name, 0) + 1
     graph_inputs = {vi.name for vi in model.graph.input}
-    derived: dict[str, tuple[str, Callable[[float], float]]] = {}
+    derived: dict[str, tuple[str, RangeMap]] = {}
     for node in model.graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if node.op_type == "DepthToSpace":
-            derived[node.output[0]] = (node.input[0], lambda v: v)
+            derived[node.output[0]] = (node.input[0], partial(_depth_to_space_range, attributes["blocksize"] ** 2,
+                                                              attributes.get("mode", b"DCR") == b"CRD"))
         elif node.op_type == "LeakyRelu":
-            alpha = np.float32(next((a.f for a in node.attribute if a.name == "alpha"), 0.01))
+            alpha = np.float32(attributes.get("alpha", 0.01))
             source, activated = node.input[0], node.output[0]
             if readers.get(source) == 1 and source not in graph_inputs and alpha > 0:  # alpha 0 is not invertible
-                derived[source] = (activated, lambda v, a=alpha: v if v >= 0 else float(np.float32(v) / a))
+                derived[source] = (activated, partial(_leaky_relu_range, np.divide, alpha))
             else:
-                derived[activated] = (source, lambda v, a=alpha: v if v >= 0 else float(np.float32(v) * a))
+                derived[activated] = (source, partial(_leaky_relu_range, np.multiply, alpha))
     return derived
 
 
+def _leaky_relu_range(operation: np.ufunc, alpha: np.float32, low: np.ndarray, high: np.ndarray):
+    """LeakyRelu (``np.multiply``) or its inverse (``np.divide``) applied to range bounds."""
+    return tuple(np.where(bound >= 0, bound, operation(bound, alpha)) for bound in (low, high))
+
+
+def _depth_to_space_range(block: int, channel_major: bool, low: np.ndarray, high: np.ndarray):
+    """Per-output-channel range of DepthToSpace: DCR reads channel (i, c), CRD channel (c, i)."""
+    shape, axis = ((-1, block), 1) if channel_major else ((block, -1), 0)
+    return low.reshape(shape).min(axis=axis), high.reshape(shape).max(axis=axis)
+
+
 def range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """Copy of ``model`` whose only outputs are per-tensor ReduceMin/ReduceMax scalars."""
+    """Copy of ``model`` whose only outputs are per-channel ReduceMin/ReduceMax of the tensors.
+
+    Every tensor here is NCHW (or onnxruntime's blocked N, C/b, H, W, b): reducing axes 0, 2, 3
+    leaves the channels either way.
+    """
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     graph = augmented.graph
-    reductions = [helper.make_node(op, [name], [f"__calib_{op}_{index}"], keepdims=0, name=f"__calib_{op}_{index}")
+    reductions = [helper.make_node(op, [name], [f"__calib_{op}_{index}"], axes=[0, 2, 3], keepdims=0,
+                                   name=f"__calib_{op}_{index}")
                   for index, name in enumerate(tensors) for op in ("ReduceMin", "ReduceMax")]
     place_after_producers(graph, reductions)
     del graph.output[:]
-    graph.output.extend(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, []) for node in reductions)
+    graph.output.extend(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None) for node in reductions)
     return augmented
 
 
 def place_after_producers(graph: onnx.GraphProto, extra: list[onnx.NodeProto]) -> None:
-    """Put each extra node right after the node that makes its input (graph inputs first).
+    """Put each extra node right after the node that makes its first input (graph inputs first).
 
     onnxruntime's priority-based order breaks ties by position, so each reduction runs as soon
-    as its tensor exists and the tensor is freed as early as in the plain graph.
+    as its tensor exists and the tensor is freed as early as in the plain graph. Extra nodes may
+    read each other's outputs.
     """
     by_input: dict[str, list[onnx.NodeProto]] = {}
     for node in extra:
         by_input.setdefault(node.input[0], []).append(node)
-    produced = {out for node in graph.node for out in node.output}
-    nodes = [node for name, readers in by_input.items() if name not in produced for node in readers]
-    for node in graph.node:
+    produced = {out for node in [*graph.node, *extra] for out in node.output}
+    nodes: list[onnx.NodeProto] = []
+
+    def emit(node: onnx.NodeProto) -> None:
         nodes.append(node)
-        nodes.extend(reader for out in node.output for reader in by_input.get(out, []))
+        for out in node.output:
+            for reader in by_input.get(out, []):
+                emit(reader)
+
+    for name, readers in by_input.items():
+        if name not in produced:
+            for reader in readers:
+                emit(reader)
+    for node in list(graph.node):
+        emit(node)
     del graph.node[:]
     graph.node.extend(nodes)
 
@@ -306,16 +345,16 @@ def place_after_producers(graph: onnx.GraphProto, extra: list[onnx.NodeProto]) -
 NCHWC_DOMAIN = "com.microsoft.nchwc"
 
 
-def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """``range_model`` rewritten onto onnxruntime's optimized graph for this CPU.
 
-    onnxruntime runs convolutions in a blocked NCHWc layout and reorders a tensor to NCHW only
-    for a reader that needs it; a reduction would be such a reader (a full copy per tensor).
-    Min and max do not depend on the layout, so here the optimized graph is saved and each
-    reduction is pointed at the blocked tensor itself. Blocking pads channels with zeros (24
-    channels are 32 with 16-lane blocks), so a padded tensor's range also covers 0: the Size
-    output ``__calib_Size_<i>`` of the i-th blocked tensor tells whether it is padded. Returns
-    the model (to run without further optimization) and the names of the blocked tensors.
+    onnxruntime runs convolutions in a blocked NCHWc layout (N, C/b, H, W, b in memory, C
+    padded with zeros to whole blocks) and reorders a tensor to NCHW only for a reader that
+    needs it; a reduction would be such a reader (a full copy per tensor), and a per-channel
+    ReduceMax over the blocked buffer is 9x slower than a plain one. So the optimized graph is
+    saved and each blocked tensor is reduced in place by the NCHWc GlobalMaxPool (max; min as
+    -max(-x)), whose (1, C, 1, 1) result is in channel order with the padding last. Returns the
+    model to run without further optimization.
     """
     with tempfile.TemporaryDirectory(prefix="dipnet-calib-") as work:
         options = ort.SessionOptions()
@@ -325,23 +364,32 @@ def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> tuple[onnx
         optimized = onnx.load(options.optimized_model_filepath)
     graph = optimized.graph
     producer = {out: node for node in graph.node for out in node.output}
-    reductions = [node for node in graph.node if node.name.startswith("__calib_")]
-    blocked: dict[str, str] = {}  # original tensor -> its blocked twin
-    for node in reductions:
+    extra = []
+    for node in graph.node:
+        if not node.name.startswith("__calib_"):
+            continue
         source = producer.get(node.input[0])
-        if source is not None and source.domain == NCHWC_DOMAIN and source.op_type == "ReorderOutput":
-            blocked[node.input[0]] = source.input[0]
-            node.input[0] = source.input[0]
-    sizes = [helper.make_node("Size", [twin], [f"__calib_Size_{index}"], name=f"__calib_Size_{index}")
-             for index, twin in enumerate(blocked.values())]
-    still_read = {name for node in graph.node for name in node.input} | {vi.name for vi in graph.output}
+        if source is None or source.domain != NCHWC_DOMAIN or source.op_type != "ReorderOutput":
+            extra.append(node)
+            continue
+        blocked, result = source.input[0], node.output[0]
+        if node.op_type == "ReduceMax":
+            extra.append(helper.make_node("GlobalMaxPool", [blocked], [result], name=node.name, domain=NCHWC_DOMAIN))
+        else:
+            extra += [helper.make_node("Neg", [blocked], [f"{result}_neg"], name=f"{node.name}_neg"),
+                      helper.make_node("GlobalMaxPool", [f"{result}_neg"], [f"{result}_negmax"], name=node.name,
+                                       domain=NCHWC_DOMAIN),
+                      helper.make_node("Neg", [f"{result}_negmax"], [result], name=f"{node.name}_min")]
+    for output in graph.output:  # a blocked result is (1, C padded, 1, 1), not the (C,) inferred before
+        output.type.tensor_type.ClearField("shape")
+    readers = [node for node in graph.node if not node.name.startswith("__calib_")] + extra
+    still_read = {name for node in readers for name in node.input} | {vi.name for vi in graph.output}
     kept = [node for node in graph.node if not node.name.startswith("__calib_")
             and not (node.op_type == "ReorderOutput" and node.output[0] not in still_read)]
     del graph.node[:]
     graph.node.extend(kept)
-    place_after_producers(graph, reductions + sizes)
-    graph.output.extend(helper.make_tensor_value_info(node.output[0], TensorProto.INT64, []) for node in sizes)
-    return optimized, list(blocked)
+    place_after_producers(graph, extra)
+    return optimized
 
 
 def values_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
@@ -354,14 +402,15 @@ def values_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     return augmented
 
 
-def tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """Static shape of every tensor shape inference can fix."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    sizes = {}
+    shapes = {}
     for vi in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
         if dims and all(dims):
-            sizes[vi.name] = 4 * int(np.prod(dims))
-    return sizes
+            shapes[vi.name] = dims
+    return shapes
 
 
 def group_by_budget(tensors: list[str], sizes: dict[str, int], budget: int) -> list[list[str]]:
@@ -403,40 +452,56 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
 Progress = Callable[[Collection, str], Iterable]
 
 
-def observe_ranges(model: onnx.ModelProto, tensors: list[str], sizes: dict[str, int], inputs: Collection[np.ndarray],
-                   progress: Progress, native: bool = True) -> tuple[dict[str, float], dict[str, float]]:
-    """Exact min and max of each tensor over all inputs, one forward per input.
+ChannelRanges = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+def observe_ranges(model: onnx.ModelProto, tensors: list[str], channels: dict[str, int], inputs: Collection[np.ndarray],
+                   progress: Progress, native: bool = True) -> ChannelRanges:
+    """Exact per-channel min and max of each tensor over all inputs, one forward per input.
 
     ``native`` reads the tensors in onnxruntime's own optimized layout (fast); the portable
-    graph reads them in NCHW. Padded blocked tensors whose range came out touching 0 might owe
-    that 0 to the padding: only those are measured again with the portable graph. ``sizes``:
-    bytes per tensor (``tensor_bytes``).
+    graph reads them in NCHW. ``channels``: channel count per tensor (drops blocked padding).
     """
     input_name = model.graph.input[0].name
-    if native:
-        graph, blocked = native_range_model(model, tensors)
-        runner = session(graph, optimize=False, arena=True)
-    else:
-        graph, blocked = range_model(model, tensors), []
-        runner = session(graph, arena=True)
-    names = [vi.name for vi in graph.graph.output]
-    elements = {name: size // 4 for name, size in sizes.items()}
-    low: dict[str, float] = {}
-    high: dict[str, float] = {}
-    padded: set[str] = set()
+    graph = native_range_model(model, tensors) if native else range_model(model, tensors)
+    runner = session(graph, optimize=not native, arena=True)
+    low: dict[str, np.ndarray] = {}
+    high: dict[str, np.ndarray] = {}
     for batch in progress(inputs, "calibrate (min/max)"):
-        values = dict(zip(names, runner.run(None, {input_name: batch})))
-        padded |= {name for index, name in enumerate(blocked) if int(values[f"__calib_Size_{index}"]) != elements[name]}
+        values = dict(zip([vi.name for vi in graph.graph.output], runner.run(None, {input_name: batch})))
         for index, name in enumerate(tensors):
-            low[name] = min(low.get(name, math.inf), float(values[f"__calib_ReduceMin_{index}"]))
-            high[name] = max(high.get(name, -math.inf), float(values[f"__calib_ReduceMax_{index}"]))
-    del runner
-    unsure = [name for name in tensors if name in padded and (low[name] == 0.0 or high[name] == 0.0)]
-    if unsure:
-        again = observe_ranges(model, unsure, sizes, inputs, progress, native=False)
-        for name in unsure:
-            low[name], high[name] = again[0][name], again[1][name]
+            seen_low = values[f"__calib_ReduceMin_{index}"].reshape(-1)[: channels[name]]
+            seen_high = values[f"__calib_ReduceMax_{index}"].reshape(-1)[: channels[name]]
+            low[name] = np.minimum(low[name], seen_low) if name in low else seen_low
+            high[name] = np.maximum(high[name], seen_high) if name in high else seen_high
     return low, high
+
+
+def channel_ranges(model: onnx.ModelProto, inputs: Collection[np.ndarray], progress: Progress = lambda it, _d: it,
+                   shapes: dict[str, list[int]] | None = None) -> ChannelRanges:
+    """Per-channel min/max of every tensor of ``float_tensors`` over all inputs (pass 1)."""
+    tensors = float_tensors(model)
+    shapes = shapes if shapes is not None else tensor_shapes(model)
+    derived = derived_ranges(model)
+    channels = {name: shapes[name][1] for name in tensors}
+    low, high = observe_ranges(model, [name for name in tensors if name not in derived], channels, inputs, progress)
+    pending = {name: rule for name, rule in derived.items() if name in tensors}
+    while pending:  # a source may itself be derived (DepthToSpace after an activation)
+        ready = {name: rule for name, rule in pending.items() if rule[0] in low}
+        if not ready:
+            raise RuntimeError(f"no range source for {sorted(pending)}")
+        for name, (source, mapping) in ready.items():
+            low[name], high[name] = mapping(low[source], high[source])
+            del pending[name]
+    return low, high
+
+
+@dataclass
+class Calibration:
+    """Per-tensor ranges of the model to quantize, and the equalization factors it was made with."""
+
+    ranges: dict[str, tuple[float, float]]
+    scales: dict[str, np.ndarray] = field(default_factory=dict)  # channel space key -> factors
 
 
 def calibrate(
@@ -444,26 +509,32 @@ def calibrate(
     inputs: Collection[np.ndarray],
     observer: Observer,
     progress: Progress = lambda it, _desc: it,
+    equalize: bool = False,
+    per_channel_weights: bool = True,
+    symmetric_activations: bool = False,
     budget_bytes: int = PASS2_BUDGET_BYTES,
-) -> dict[str, tuple[float, float]]:
+) -> Calibration:
     """Run the calibration passes; iterating ``inputs`` yields one [1, 3, H, W] float32 array per image
-    (it is iterated once per pass, so images are read again rather than kept)."""
+    (it is iterated once per pass, so images are read again rather than kept).
+
+    With ``equalize``, the ranges are those of ``apply_equalization(model, ...)`` with the
+    returned factors: pass 1 measures the original, and histogram methods run pass 2 on the
+    equalized model.
+    """
     input_name = model.graph.input[0].name
+    shapes = tensor_shapes(model)
+    low, high = channel_ranges(model, inputs, progress, shapes)
+    scales = {}
+    if equalize:
+        spaces = channel_spaces(model)
+        scales = equalization_scales(model, spaces, low, high, per_channel_weights, symmetric_activations)
+        model = apply_equalization(model, spaces, scales)
+        low, high = equalized_channel_ranges(spaces, scales, low, high)
     tensors = float_tensors(model)
-    derived = derived_ranges(model)
-    sizes = tensor_bytes(model)
-    low, high = observe_ranges(model, [name for name in tensors if name not in derived], sizes, inputs, progress)
-    pending = {name: rule for name, rule in derived.items() if name in tensors}
-    while pending:  # a source may itself be derived (DepthToSpace after an activation)
-        ready = {name: rule for name, rule in pending.items() if rule[0] in low}
-        if not ready:
-            raise RuntimeError(f"no range source for {sorted(pending)}")
-        for name, (source, monotone) in ready.items():
-            low[name], high[name] = monotone(low[source]), monotone(high[source])
-            del pending[name]
     for name in tensors:
-        observer.update_range(name, low[name], high[name])
+        observer.update_range(name, float(low[name].min()), float(high[name].max()))
     if observer.needs_histograms:
+        sizes = {name: 4 * int(np.prod(shape)) for name, shape in shapes.items()}
         groups = group_by_budget(tensors, sizes, budget_bytes)
         sessions = [(group, session(values_model(model, group))) for group in groups]
         for batch in progress(inputs, f"calibrate (histograms, {len(groups)} passes)"):
@@ -471,4 +542,4 @@ def calibrate(
                 for name, values in zip(group, runner.run(group, {input_name: batch})):
                     observer.update_values(name, values)
                 del values
-    return observer.compute()
+    return Calibration(observer.compute(), scales)

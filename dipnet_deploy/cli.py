@@ -234,15 +234,23 @@ def _progress_bar(iterable, desc: str):
               help="Weight scales per output channel or one per tensor (weights are int8 symmetric).")
 @click.option("--symmetric-activations", is_flag=True,
               help="Activations int8 symmetric instead of uint8 asymmetric.")
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Rescale each activation channel (and the weights around it, same fp32 function) so it "
+                   "fills its tensor's observed range: less int8 rounding noise, no range grows. "
+                   "--no-equalize quantizes the graph as exported (what stock quantize_static does). "
+                   "With --ranges alone, the saved file decides.")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
 @user_errors
-def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, as_json):
+def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
+             as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
     /255) and reduced into fixed-size statistics, so memory does not grow with the number
-    of images. onnxruntime's quantizer writes the model from these ranges; the ranges JSON
-    and a model card are written beside it.
+    of images. By default each activation channel is rescaled to fill its tensor's range
+    (--equalize: same fp32 function, same max ranges, less rounding noise). onnxruntime's
+    quantizer writes the model from these ranges; the ranges JSON and a model card are
+    written beside it.
     """
     from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir
     from dipnet_deploy.quantize import quantize as run_quantize
@@ -251,7 +259,7 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         calib = default_calibration_dir()
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
-    options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit)
+    options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize)
     result = run_quantize(model, output, calib, ranges, options, progress=_progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "

@@ -20,6 +20,7 @@ import onnx
 
 from dipnet_deploy import __version__
 from dipnet_deploy.calibrate import OBSERVERS, calibrate, make_observer
+from dipnet_deploy.equalize import MAX_SCALE, apply_equalization, channel_spaces
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, sha256_file, write_json_atomic
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
@@ -37,6 +38,7 @@ class QuantizeOptions:
     per_channel: bool = True
     symmetric_activations: bool = False
     limit: int | None = None
+    equalize: bool = True
 
 
 @dataclass
@@ -129,7 +131,9 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     height, width = shape[2], shape[3]
 
     observer = make_observer(options.method, options.percentile)
-    ranges = calibrate(model, SeedInputs(files, height, width), observer, progress)
+    calibration = calibrate(model, SeedInputs(files, height, width), observer, progress,
+                            equalize=options.equalize, per_channel_weights=options.per_channel,
+                            symmetric_activations=options.symmetric_activations)
     return {
         "format": RANGES_FORMAT,
         "tool": f"dipnet-deploy {__version__}",
@@ -141,7 +145,12 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
         "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
         "skipped": skipped,
-        "tensors": {name: {"min": low, "max": high} for name, (low, high) in ranges.items()},
+        "equalization": {
+            "max_scale": MAX_SCALE, "per_channel_weights": options.per_channel,
+            "symmetric_activations": options.symmetric_activations,
+            "scales": {key: factors.tolist() for key, factors in calibration.scales.items()},
+        } if options.equalize else None,
+        "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
     }
 
 
@@ -160,6 +169,18 @@ def read_ranges(path: Path, model_path: Path) -> dict:
     return document
 
 
+def equalized_model(model_path: Path, document: dict) -> onnx.ModelProto:
+    """The fp32 model the ranges describe: ``model_path`` with the document's equalization applied."""
+    model = onnx.load(str(model_path))
+    if not document.get("equalization"):
+        return model
+    spaces = channel_spaces(model)
+    saved = document["equalization"]["scales"]
+    if sorted(saved) != sorted(space.key for space in spaces):
+        raise InputError(model_path, "the ranges file's equalization does not match this model's channel spaces")
+    return apply_equalization(model, spaces, {key: np.asarray(factors, np.float32) for key, factors in saved.items()})
+
+
 def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> None:
     """Quantize with onnxruntime's QDQ quantizer from the given ranges (written atomically)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -168,11 +189,12 @@ def write_int8(model_path: Path, document: dict, output: Path, options: Quantize
     tensors = {name: (np.float32(r["min"]), np.float32(r["max"])) for name, r in document["tensors"].items()}
     ranges = TensorsData(CalibrationMethod.MinMax, tensors)
     with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch, atomic_path(output) as temp:
-        cache = Path(scratch) / "ranges.json"
+        cache, fp32 = Path(scratch) / "ranges.json", Path(scratch) / "fp32.onnx"
         save_tensors_data(ranges, cache)
+        onnx.save(equalized_model(model_path, document), str(fp32))
         logging.getLogger().setLevel(logging.ERROR)  # silence the "consider pre-processing" advice
         quantize_static(
-            str(model_path), str(temp), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+            str(fp32), str(temp), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
             per_channel=options.per_channel, reduce_range=False,
             activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
@@ -182,6 +204,16 @@ def write_int8(model_path: Path, document: dict, output: Path, options: Quantize
         int8 = onnx.load(str(temp))
         int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
         temp.write_bytes(int8.SerializeToString())
+
+
+def equalization_summary(document: dict) -> dict | None:
+    """How much the activation equalization rescaled (None when it was off)."""
+    if not document.get("equalization"):
+        return None
+    factors = np.concatenate([np.asarray(f) for f in document["equalization"]["scales"].values()] or [np.ones(0)])
+    return {"channel_spaces": len(document["equalization"]["scales"]), "channels": int(factors.size),
+            "rescaled_channels": int(np.sum(factors > 1)),
+            "median_factor": round(float(np.median(factors)), 3) if factors.size else None}
 
 
 def quantized_conv_report(model: onnx.ModelProto) -> dict:
@@ -241,6 +273,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         "calibration_images": len(document["calibration_files"]),
         "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor"),
         "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
+        "equalization": equalization_summary(document),
         "format": "QDQ (onnxruntime quantize_static)",
         "conv_report": quantized_conv_report(int8),
         "ops": summary["ops"],
@@ -251,7 +284,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     write_json_atomic(card_path, card)
     summary_line = {
         "model": str(model_path), "int8": str(output), "ranges": str(ranges_path), "card": str(card_path),
-        "method": document["method"],
+        "method": document["method"], "equalized": bool(document.get("equalization")),
         "images_used": len(document["calibration_files"]), "images_skipped": len(document.get("skipped", [])),
         "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model
+from dipnet_deploy.calibrate import float_tensors, values_model
 from dipnet_deploy.config import PRESETS
+from dipnet_deploy.imageio import read_rgb8, seed_preprocess
 
 SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 OFFICIAL_X4 = SHARED / "weights" / "dipnet_official_x4.pth"
@@ -64,3 +69,20 @@ def invoke(capsys, monkeypatch):
         return code, out, err
 
     return call
+
+
+def whole_image_ranges(model_path, files, height, width, per_channel=False):
+    """Independent reference: every tensor as a real output, min/max in numpy (per tensor or per channel)."""
+    model = onnx.load(str(model_path))
+    names = float_tensors(model)
+    session = ort.InferenceSession(values_model(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    axes = (0, 2, 3) if per_channel else None
+    low, high = {}, {}
+    for path in files:
+        x = seed_preprocess(read_rgb8(path)[0], height, width)
+        for name, value in zip(names, session.run(names, {"input": x})):
+            low[name] = np.minimum(low[name], value.min(axis=axes)) if name in low else value.min(axis=axes)
+            high[name] = np.maximum(high[name], value.max(axis=axes)) if name in high else value.max(axis=axes)
+    if per_channel:
+        return low, high
+    return {name: (float(low[name]), float(high[name])) for name in names}
