@@ -37,6 +37,7 @@ bench: install
 	cd benchmarks && ../$(PY) bench_export.py
 	cd benchmarks && ../$(PY) bench_quantize.py --model ../build/dipnet_x2_1080x1920.onnx
 	cd benchmarks && ../$(PY) bench_quality_floor.py
+	cd benchmarks && ../$(PY) bench_equalize.py --model ../build/dipnet_x2_1080x1920.onnx
 	cd benchmarks && ../$(PY) bench_train.py
 
 clean:
