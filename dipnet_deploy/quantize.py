@@ -150,6 +150,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
             "symmetric_activations": options.symmetric_activations,
             "scales": {key: factors.tolist() for key, factors in calibration.scales.items()},
         } if options.equalize else None,
+        "tensors_of": "the model with `equalization` applied" if options.equalize else "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
     }
 
@@ -169,19 +170,29 @@ def read_ranges(path: Path, model_path: Path) -> dict:
     return document
 
 
-def equalized_model(model_path: Path, document: dict) -> onnx.ModelProto:
+def equalized_model(model_path: Path, document: dict, document_path: Path) -> onnx.ModelProto:
     """The fp32 model the ranges describe: ``model_path`` with the document's equalization applied."""
     model = onnx.load(str(model_path))
-    if not document.get("equalization"):
+    equalization = document.get("equalization")
+    if not equalization:
         return model
     spaces = channel_spaces(model)
-    saved = document["equalization"]["scales"]
-    if sorted(saved) != sorted(space.key for space in spaces):
-        raise InputError(model_path, "the ranges file's equalization does not match this model's channel spaces")
-    return apply_equalization(model, spaces, {key: np.asarray(factors, np.float32) for key, factors in saved.items()})
+    saved = equalization.get("scales") if isinstance(equalization, dict) else None
+    saved = saved if isinstance(saved, dict) else {}
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    channels = {space.key: shapes[space.producers[0][0]][0] for space in spaces}
+    try:
+        factors = {key: np.asarray(values, np.float32) for key, values in saved.items()}
+    except (TypeError, ValueError):
+        factors = {}
+    if sorted(factors) != sorted(channels) or any(
+            factors[key].shape != (count,) or not np.all(np.isfinite(factors[key]) & (factors[key] > 0))
+            for key, count in channels.items()):
+        raise InputError(document_path, "its equalization factors do not fit this model's channel spaces")
+    return apply_equalization(model, spaces, factors)
 
 
-def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> None:
+def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path, options: QuantizeOptions) -> None:
     """Quantize with onnxruntime's QDQ quantizer from the given ranges (written atomically)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
@@ -191,7 +202,7 @@ def write_int8(model_path: Path, document: dict, output: Path, options: Quantize
     with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch, atomic_path(output) as temp:
         cache, fp32 = Path(scratch) / "ranges.json", Path(scratch) / "fp32.onnx"
         save_tensors_data(ranges, cache)
-        onnx.save(equalized_model(model_path, document), str(fp32))
+        onnx.save(equalized_model(model_path, document, ranges_path), str(fp32))
         logging.getLogger().setLevel(logging.ERROR)  # silence the "consider pre-processing" advice
         quantize_static(
             str(fp32), str(temp), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
@@ -256,7 +267,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     else:
         ranges_path = Path(ranges_path)
         document = read_ranges(ranges_path, model_path)
-    write_int8(model_path, document, output, options)
+    write_int8(model_path, document, ranges_path, output, options)
     int8 = onnx.load(str(output))
     summary = onnx_summary(int8)
     card = {

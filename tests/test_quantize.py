@@ -277,6 +277,16 @@ def _other_ranges(tmp_path, x2_small, calib_dir):
     return quantize(other, tmp_path / "other.int8.onnx", calib_dir).ranges_path
 
 
+def _tampered_ranges(tmp_path, x2_small, calib_dir):
+    """A ranges file of this model whose equalization factors lost a channel."""
+    path = quantize(x2_small, tmp_path / "t.int8.onnx", calib_dir).ranges_path
+    document = json.loads(path.read_text())
+    key = next(iter(document["equalization"]["scales"]))
+    document["equalization"]["scales"][key].pop()
+    path.write_text(json.dumps(document))
+    return path
+
+
 BAD_RUNS = {
     "empty dir": (lambda t, m, c: ["--calib", (t / "empty").mkdir() or t / "empty"], "no calibration images"),
     "non-images": (lambda t, m, c: ["--calib", (t / "txt").mkdir() or (t / "txt" / "a.png").write_text("x") and
@@ -288,6 +298,7 @@ BAD_RUNS = {
                    "not an ONNX model"),
     "not dipnet": (lambda t, m, c: ["--calib", c, "--model", _not_dipnet(t)], "no Conv nodes"),
     "foreign ranges": (lambda t, m, c: ["--ranges", _other_ranges(t, m, c)], "another model"),
+    "tampered ranges": (lambda t, m, c: ["--ranges", _tampered_ranges(t, m, c)], "equalization factors do not fit"),
     "unwritable output": (lambda t, m, c: ["--calib", c, "-o", (t / "f").write_text("x") and t / "f" / "m.onnx"],
                           "cannot create"),
 }
