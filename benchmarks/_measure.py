@@ -1,4 +1,4 @@
-"""Run a Python snippet in a fresh process and report its wall time and peak RSS."""
+"""Benchmark helpers: run a snippet in a fresh process (wall time, peak RSS); describe a loss."""
 
 from __future__ import annotations
 
@@ -23,3 +23,10 @@ def measure(code: str) -> dict:
         raise RuntimeError(done.stderr[-2000:])
     line = next(line for line in done.stdout.splitlines()[::-1] if line.startswith("@@"))
     return json.loads(line[2:])
+
+
+def ground_truth_line(means: dict) -> str:
+    """fp32 -> int8 Y-PSNR and SSIM-Y against ground truth, from ``compare.means``."""
+    psnr, ssim = means["psnr_y"], means["ssim_y"]
+    return (f"fp32 {psnr['fp32']:.3f} dB, int8 {psnr['int8']:.3f} dB (loss {psnr['fp32'] - psnr['int8']:.3f}), "
+            f"SSIM-Y fp32 {ssim['fp32']:.4f} int8 {ssim['int8']:.4f}, bicubic {psnr['bicubic']:.2f}")

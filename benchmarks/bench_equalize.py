@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _measure import ground_truth_line
 
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir, quantize, select_images
@@ -39,12 +40,9 @@ def main() -> None:
             int8 = quantize(fp32, work / f"{calib.name}{equalize}.int8.onnx", calib, warn=lambda m: None,
                             options=QuantizeOptions(equalize=equalize)).int8_path
             rows = compare(fp32, int8, SHARED / "data" / "eval" / "Set5", CompareOptions(latency_repeats=1)).rows
-            m = means(rows)
             fidelity = float(np.mean([row["int8_vs_fp32"]["psnr_rgb"] for row in rows]))
             worst = max(row["int8_vs_fp32"]["max_abs_diff"] for row in rows)
-            print(f"{label}, {'equalized' if equalize else '--no-equalize'}: Set5 PSNR-Y fp32 "
-                  f"{m['psnr_y']['fp32']:.3f} -> int8 {m['psnr_y']['int8']:.3f} dB "
-                  f"(loss {m['psnr_y']['fp32'] - m['psnr_y']['int8']:.3f}), SSIM-Y {m['ssim_y']['int8']:.4f}; "
+            print(f"{label}, {'equalized' if equalize else '--no-equalize'}: Set5 {ground_truth_line(means(rows))}; "
                   f"int8-vs-fp32 {fidelity:.2f} dB, max |diff| {worst:.0f} levels", flush=True)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from _measure import ground_truth_line
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from dipnet_deploy.checkpoint import load_checkpoint
@@ -102,10 +103,7 @@ def main() -> None:
     for name in ("Set5", "Set14", "BSD68"):
         for label, model in models.items():
             m = means(compare(fp32, model, SHARED / "data" / "eval" / name, CompareOptions(latency_repeats=1)).rows)
-            print(f"{name} x4 sr protocol (subset 0), {label}: fp32 {m['psnr_y']['fp32']:.3f} dB, int8 "
-                  f"{m['psnr_y']['int8']:.3f} dB (loss {m['psnr_y']['fp32'] - m['psnr_y']['int8']:.3f}), "
-                  f"SSIM-Y fp32 {m['ssim_y']['fp32']:.4f} int8 {m['ssim_y']['int8']:.4f}, "
-                  f"bicubic {m['psnr_y']['bicubic']:.2f}", flush=True)
+            print(f"{name} x4 sr protocol (subset 0), {label}: {ground_truth_line(m)}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -523,6 +523,7 @@ def calibrate(
     """
     input_name = model.graph.input[0].name
     shapes = tensor_shapes(model)
+    tensors = float_tensors(model)  # equalization changes weights only: the same tensors after it
     low, high = channel_ranges(model, inputs, progress, shapes)
     scales = {}
     if equalize:
@@ -530,7 +531,6 @@ def calibrate(
         scales = equalization_scales(model, spaces, low, high, per_channel_weights, symmetric_activations)
         model = apply_equalization(model, spaces, scales)
         low, high = equalized_channel_ranges(spaces, scales, low, high)
-    tensors = float_tensors(model)
     for name in tensors:
         observer.update_range(name, float(low[name].min()), float(high[name].max()))
     if observer.needs_histograms:

@@ -38,6 +38,7 @@ class ChannelSpace:
     """Tensors sharing one per-channel factor, and the Conv weights that carry it."""
 
     key: str  # the first tensor in graph order: names the space in the ranges JSON
+    channels: int = 0
     tensors: list[str] = field(default_factory=list)
     producers: list[tuple[str, str | None]] = field(default_factory=list)  # (weight, bias) scaled by s
     consumers: list[str] = field(default_factory=list)  # weights divided by s on their input channels
@@ -95,11 +96,13 @@ def channel_spaces(model: onnx.ModelProto) -> list[ChannelSpace]:
         root = spaces.find(name)
         if root not in frozen_roots:
             by_root.setdefault(root, ChannelSpace(key=name)).tensors.append(name)
+    weight_shapes = {init.name: list(init.dims) for init in graph.initializer}
     for node in graph.node:
         if node.op_type != "Conv":
             continue
         out_space, in_space = by_root.get(spaces.find(node.output[0])), by_root.get(spaces.find(node.input[0]))
         if out_space is not None:
+            out_space.channels = weight_shapes[node.input[1]][0]
             out_space.producers.append((node.input[1], node.input[2] if len(node.input) > 2 and node.input[2] else None))
         if in_space is not None:
             in_space.consumers.append(node.input[1])
@@ -126,7 +129,7 @@ def equalization_scales(model: onnx.ModelProto, spaces: list[ChannelSpace], low:
     weights = {init.name: init for init in model.graph.initializer}
     scales = {}
     for space in spaces:
-        limit = np.full(len(low[space.tensors[0]]), max_scale, np.float64)
+        limit = np.full(space.channels, max_scale, np.float64)
         for name in space.tensors:
             channel_low, channel_high = low[name].astype(np.float64), high[name].astype(np.float64)
             floor, ceiling = channel_low.min(), channel_high.max()

@@ -179,8 +179,7 @@ def equalized_model(model_path: Path, document: dict, document_path: Path) -> on
     spaces = channel_spaces(model)
     saved = equalization.get("scales") if isinstance(equalization, dict) else None
     saved = saved if isinstance(saved, dict) else {}
-    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
-    channels = {space.key: shapes[space.producers[0][0]][0] for space in spaces}
+    channels = {space.key: space.channels for space in spaces}
     try:
         factors = {key: np.asarray(values, np.float32) for key, values in saved.items()}
     except (TypeError, ValueError):

@@ -72,7 +72,7 @@ def test_equalized_model_computes_the_same_function(x2_trained):
     model = onnx.load(str(x2_trained))
     spaces = channel_spaces(model)
     rng = np.random.default_rng(0)
-    factors = {space.key: (2.0 ** rng.uniform(-3, 3, len(space_channels(model, space)))).astype(np.float32)
+    factors = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32)
                for space in spaces}
     equalized = apply_equalization(model, spaces, factors)
     x = seed_preprocess(read_rgb8(calibration_files()[0])[0], HEIGHT, WIDTH)
@@ -81,11 +81,6 @@ def test_equalized_model_computes_the_same_function(x2_trained):
         run(m, x, [trunk, m.graph.output[0].name]) for m in (model, equalized))
     np.testing.assert_allclose(scaled_trunk, original_trunk * factors[spaces[0].key].reshape(1, -1, 1, 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scaled_out, original_out, rtol=0, atol=2e-5)
-
-
-def space_channels(model, space):
-    weights = {init.name: init for init in model.graph.initializer}
-    return range(weights[space.producers[0][0]].dims[0])
 
 
 def test_scales_grow_no_range_and_ranges_follow_exactly(x2_trained, tmp_path):
