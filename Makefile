@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/dipnet-deploy
 SHARED ?= ../shared
 
-.PHONY: install test demo bench lint calibration clean
+.PHONY: install test demo bench lint calibration clean mutants
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,26 @@ bench: install
 	cd benchmarks && ../$(PY) bench_quality_floor.py
 	cd benchmarks && ../$(PY) bench_equalize.py --model ../build/dipnet_x2_1080x1920.onnx
 	cd benchmarks && ../$(PY) bench_train.py
+	test -f build/dipnet_x2_1080x1920.int8.onnx || $(CLI) quantize
+	cd benchmarks && ../$(PY) bench_upscale.py --model ../build/dipnet_x2_1080x1920.onnx
+	$(PY) -m pip install --quiet -e ".[bench]"
+	test -f runs/ft_x2.pth || $(CLI) finetune --data $(SHARED)/data/train --out runs/ft_x2.pth --json
+	cd benchmarks && ../$(PY) bench_finetune.py --variant x2 --finetuned ../runs/ft_x2.pth
+	test -f runs/ft_x4.pth || $(CLI) finetune --checkpoint $(SHARED)/weights/dipnet_official_x4.pth \
+		--data $(SHARED)/data/train --iters 2000 --batch 16 --out runs/ft_x4.pth --json
+	cd benchmarks && ../$(PY) bench_finetune.py --variant x4 --finetuned ../runs/ft_x4.pth
+
+# Mutation testing of the numeric core ([tool.mutmut] in pyproject.toml), in a copy of the tree under
+# build/mutation so the work tree is never touched. Not part of CI (tens of minutes on 2 cores).
+MUTATION := build/mutation
+mutants: install
+	$(PY) -m pip install --quiet "mutmut==3.8.1"
+	rm -rf $(MUTATION) && mkdir -p $(MUTATION)
+	tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./report --exclude=./runs \
+		--exclude=./training --exclude='*.egg-info' -cf - . | tar -xf - -C $(MUTATION)
+	cd $(MUTATION) && DIPNET_SHARED=$(abspath $(SHARED)) $(abspath $(VENV))/bin/mutmut run --max-children 2 || true
+	cd $(MUTATION) && $(abspath $(VENV))/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
+	cd $(MUTATION) && $(abspath $(VENV))/bin/mutmut results
 
 clean:
 	rm -rf build report .pytest_cache

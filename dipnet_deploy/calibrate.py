@@ -93,7 +93,9 @@ class HistogramObserver(Observer):
 
     def update_values(self, name: str, values: np.ndarray) -> None:
         edges = self.edges(name)
-        counts, _ = np.histogram(values, bins=edges)
+        # Pass 2 runs another graph than pass 1's range reductions (unfused kernels): a value can land an
+        # ulp outside [min, max], and np.histogram would silently drop it. Count it in the end bin.
+        counts, _ = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)
         self.histograms[name] = self.histograms.get(name, 0) + counts.astype(np.int64)
 
     def compute(self) -> dict[str, tuple[float, float]]:

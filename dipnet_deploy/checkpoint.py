@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from dipnet_deploy.archs.dipnet_arch import DIPNet
-from dipnet_deploy.archs.dipnet_train_arch import build_train_model, fold_state_dict, is_training_form
-from dipnet_deploy.config import PRESETS, DIPNetConfig
+from dipnet_deploy.archs.dipnet_train_arch import REP_CONVS, build_train_model, fold_state_dict, is_training_form
+from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
 
@@ -32,6 +32,7 @@ class LoadedCheckpoint:
     source: str  # which entry of the file held the weights
     sha256: str
     fold_max_abs_diff: float | None = None  # filled by verify_fold when training form
+    learned_ranges: dict[str, tuple[float, float]] | None = None  # from `finetune`: point name -> (low, high)
 
 
 def load_file(path: str | Path) -> dict:
@@ -41,6 +42,8 @@ def load_file(path: str | Path) -> dict:
         raise InputError(path, "no such checkpoint file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise InputError(path, f"cannot be read ({error.strerror or error})") from None
     except Exception as error:  # torch.load raises many types on foreign or damaged files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(path, f"not a PyTorch checkpoint ({first_line[:160]})") from None
@@ -49,10 +52,34 @@ def load_file(path: str | Path) -> dict:
     return data
 
 
-def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Load the weights of a checkpoint file; return them and the entry they came from."""
+def read_learned_ranges(path: Path, data: dict, source: str) -> dict[str, tuple[float, float]] | None:
+    """The activation ranges ``finetune`` learned with the weights in ``source``, checked; else None.
+
+    ``quantization.ranges`` belongs to ``params_ema``, ``quantization.ranges_params`` to ``params``.
+    """
+    entry = data.get("quantization")
+    if entry is None:
+        return None
+    key = "ranges_params" if source == "params" else "ranges"
+    ranges = entry.get(key) if isinstance(entry, dict) else None
+    if not isinstance(ranges, dict) or not ranges:
+        raise InputError(path, f"its quantization entry has no {key} (a damaged finetune checkpoint?)")
+    checked = {}
+    for name, bounds in ranges.items():
+        try:
+            low, high = (float(v) for v in bounds)
+        except (TypeError, ValueError):
+            raise InputError(path, f"learned range of {name} is not two numbers") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise InputError(path, f"learned range of {name} is [{low}, {high}] (must be finite, min < max)")
+        checked[str(name)] = (low, high)
+    return checked
+
+
+def read_state_dict(path: str | Path, data: dict | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a checkpoint file (or of its loaded ``data``), and the entry they came from."""
     path = Path(path)
-    data = load_file(path)
+    data = load_file(path) if data is None else data
     source = "state_dict"
     for key in BASICSR_KEYS:
         if isinstance(data.get(key), dict):
@@ -66,9 +93,25 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def _require(path: Path, state_dict: dict, key: str) -> torch.Tensor:
+    """The conv weight ``key``: present and 4-D (out, in, kh, kw), or a one-line refusal."""
     if key not in state_dict:
         raise InputError(path, f"missing key {key} (not a DIPNet checkpoint?)")
+    if state_dict[key].dim() != 4 or 0 in state_dict[key].shape:
+        raise InputError(path, f"{key} has shape {list(state_dict[key].shape)}, expected a 4-D conv weight")
     return state_dict[key]
+
+
+def check_finite(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights holding NaN or inf (they would only ever produce NaN images)."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InputError(path, f"{key} holds NaN or inf values")
+
+
+def training_expansion(path: Path, state_dict: dict[str, torch.Tensor]) -> int | tuple[int, int, int]:
+    """Widths E of the 3x3 branches of c1_r, c2_r, c3_r (read from block 1); one int when they are equal."""
+    widths = tuple(_require(path, state_dict, f"block_1.{conv}.weight").shape[0] for conv in REP_CONVS)
+    return widths[0] if len(set(widths)) == 1 else widths
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], path: Path = Path("<state dict>")) -> DIPNetConfig:
@@ -77,14 +120,14 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path = Path("<state 
     training = is_training_form(state_dict)
     mid_key = "block_1.c1_r_11_m.weight" if training else "block_1.c1_r.weight"
     mid = _require(path, state_dict, mid_key).shape[0]
-    expansion = state_dict["block_1.c1_r.weight"].shape[0] if training else DIPNetConfig.expansion
+    expansion = training_expansion(path, state_dict) if training else DIPNetConfig.expansion
     out_channels = _require(path, state_dict, "upsampler.0.weight").shape[0]
     upscale = math.isqrt(out_channels // 3)
     if 3 * upscale * upscale != out_channels:
         raise InputError(path, f"upsampler.0.weight has {out_channels} output channels, not 3*r*r")
     blocks = {int(m.group(1)) for k in state_dict if (m := re.match(r"block_(\d+)\.", k))}
     esa = "block_1.esa.conv1.weight" in state_dict
-    esa_channels = state_dict["block_1.esa.conv1.weight"].shape[0] if esa else DIPNetConfig.esa_channels
+    esa_channels = _require(path, state_dict, "block_1.esa.conv1.weight").shape[0] if esa else DIPNetConfig.esa_channels
     return DIPNetConfig(
         feature_channels=feature,
         mid_channels=mid,
@@ -101,6 +144,8 @@ def check_state_dict(path: Path, state_dict: dict, expected: dict) -> None:
     for key, tensor in expected.items():
         if key not in state_dict:
             raise InputError(path, f"missing key {key} (expected shape {list(tensor.shape)})")
+        if not isinstance(state_dict[key], torch.Tensor):
+            raise InputError(path, f"{key} is a {type(state_dict[key]).__name__}, not a tensor")
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
             raise InputError(
                 path,
@@ -108,7 +153,7 @@ def check_state_dict(path: Path, state_dict: dict, expected: dict) -> None:
             )
     for key, tensor in state_dict.items():
         if key not in expected:
-            raise InputError(path, f"unexpected key {key} (shape {list(tensor.shape)})")
+            raise InputError(path, f"unexpected key {key} (shape {list(getattr(tensor, 'shape', []))})")
 
 
 def resolve_config(state_dict: dict, path: Path, preset: str | None = None, **overrides) -> DIPNetConfig:
@@ -117,25 +162,31 @@ def resolve_config(state_dict: dict, path: Path, preset: str | None = None, **ov
         if preset not in PRESETS:
             raise InputError("--preset", f"unknown preset {preset!r} (choose from {', '.join(PRESETS)})")
         base = PRESETS[preset]
-        if is_training_form(state_dict) and "block_1.c1_r.weight" in state_dict:
-            base = base.replace(expansion=state_dict["block_1.c1_r.weight"].shape[0])
+        if is_training_form(state_dict):
+            base = base.replace(expansion=training_expansion(path, state_dict))
     else:
         base = infer_config(state_dict, path)
-    return base.replace(**overrides)
+    config = base.replace(**overrides)
+    options = [f"--{key.replace('_', '-')}" for key, value in overrides.items() if value is not None]
+    refuse_beyond_memory(config, "/".join(options) or path)  # before any model of this shape is built
+    return config
 
 
 def load_checkpoint(path: str | Path, preset: str | None = None, **overrides) -> LoadedCheckpoint:
     """Load any accepted checkpoint and return the folded deploy-form model."""
     path = Path(path)
-    state_dict, source = read_state_dict(path)
+    data = load_file(path)
+    state_dict, source = read_state_dict(path, data)
     config = resolve_config(state_dict, path, preset, **overrides)
     training = is_training_form(state_dict)
     template = build_train_model(config) if training else DIPNet(config)
     check_state_dict(path, state_dict, template.state_dict())
+    check_finite(path, state_dict)
     state_dict = {k: v.float() for k, v in state_dict.items()}
     model = DIPNet(config)
     model.load_state_dict(fold_state_dict(state_dict) if training else state_dict, strict=True)
-    loaded = LoadedCheckpoint(path, model.eval(), config, training, source, sha256_file(path))
+    loaded = LoadedCheckpoint(path, model.eval(), config, training, source, sha256_file(path),
+                              learned_ranges=read_learned_ranges(path, data, source))
     if training:
         template.load_state_dict(state_dict, strict=True)
         loaded.fold_max_abs_diff = fold_max_abs_diff(template.eval(), loaded.model)

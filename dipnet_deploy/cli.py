@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -12,8 +13,12 @@ import click
 from dipnet_deploy import __version__
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import json_text
+from dipnet_deploy.runtime import RUNTIMES
 
 PACKAGED_WEIGHTS = Path(__file__).parent / "weights" / "dipnet_x2.pth"
+QUANTIZE_METHODS = ["max", "percentile", "entropy", "mse", "learned"]  # quantize.METHODS, without importing onnx here
+FINETUNE_TARGETS = ["gt", "teacher", "mix"]  # finetune.TARGETS
 
 
 def fail(message: str) -> None:
@@ -35,34 +40,47 @@ def user_errors(command):
 
 
 def run() -> None:
-    """Console entry point: click usage errors also become one line and exit code 2."""
+    """Console entry point: click usage errors also become one line and exit code 2; Ctrl-C exits 130."""
     try:
         main.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
         fail(error.format_message().replace("\n", " "))
-    except click.exceptions.Abort:
-        fail("aborted")
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt; outputs are written atomically, so none is partial
+        click.echo("dipnet-deploy: interrupted", err=True)
+        sys.exit(130)
 
 
 def emit_json(summary: dict) -> None:
-    click.echo(json.dumps(summary, sort_keys=False, default=str))
+    click.echo(json_text(summary, indent=None))
 
 
 def warn(message: str) -> None:
     click.echo(message, err=True)
 
 
+def _positive_finite(_context, parameter, value: float | None) -> float | None:
+    """Click callback: ``float`` and ``FloatRange`` let NaN and inf through."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value} is not a positive finite number", param=parameter)
+    return value
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dipnet-deploy")
-def main() -> None:
+@click.option("--max-megapixels", type=float, envvar="DIPNET_MAX_MEGAPIXELS", callback=_positive_finite,
+              help="Largest image decoded, in megapixels (default 100; env DIPNET_MAX_MEGAPIXELS). Larger ones "
+                   "are skipped with a warning in a folder, refused when given alone.")
+def main(max_megapixels: float | None) -> None:
     """Fold, export, int8-quantize and evaluate DIPNet super-resolution models.
 
     The pipeline is a chain of files: checkpoint -> fp32 ONNX (+ model card JSON) ->
     calibration ranges JSON -> int8 ONNX -> report directory. Run `export`, then `quantize`,
     then `compare`; each step reads what the previous one wrote.
     """
+    if max_megapixels is not None:  # through the environment, so worker processes apply it too
+        os.environ["DIPNET_MAX_MEGAPIXELS"] = str(max_megapixels)
 
 
 def _checkpoint_or_default(checkpoint: Path | None) -> Path:
@@ -140,6 +158,30 @@ def info(path, height, width, as_json):
         emit_json(summary)
 
 
+class IterationBar:
+    """A training progress bar (stderr) with the loss and the latest validation figure ``shown``."""
+
+    def __init__(self, total: int, desc: str, shown: str):
+        self.total, self.desc, self.shown = total, desc, shown
+        self.bar, self.value = None, None
+
+    def __call__(self, iteration: int, loss: float, entry: dict | None) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:  # made on the first iteration, so a resumed run starts where it was
+            self.bar = tqdm(total=self.total, initial=iteration - 1, desc=self.desc, unit="it", dynamic_ncols=True,
+                            file=sys.stderr)
+        if entry:
+            self.value = entry[self.shown]
+        postfix = {"loss": f"{loss:.4g}"} | ({self.shown: f"{self.value:.3f}"} if self.value is not None else {})
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 @main.command()
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Directory of HR training images (searched recursively).")
@@ -183,26 +225,86 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
     config = TrainConfig(data=data, out=out, preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch,
                          lr=lr, loss=loss, restart=restart, val=val, val_every=val_every, save_every=save_every,
                          seed=seed, resume=resume, threads=threads)
-    state: dict = {"bar": None, "val": None}
-
-    def progress(iteration: int, loss: float, entry: dict | None) -> None:
-        if state["bar"] is None:  # made on the first iteration, so a resumed run starts where it was
-            state["bar"] = tqdm(total=iters, initial=iteration - 1, desc="train", unit="it", dynamic_ncols=True)
-        if entry:
-            state["val"] = entry["val_psnr_y"]
-        postfix = {"loss": f"{loss:.4f}"} | ({"val_psnr_y": f"{state['val']:.2f}"} if state["val"] else {})
-        state["bar"].set_postfix(postfix, refresh=False)
-        state["bar"].update(1)
-
-    result = run_train(config, progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
-    if state["bar"] is not None:
-        state["bar"].close()
+    progress = IterationBar(iters, "train", "val_psnr_y")
+    try:
+        result = run_train(config, progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
+    finally:
+        progress.close()
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s)")
     if as_json:
         last = result.history[-1] if result.history else {}
         emit_json({"checkpoint": str(result.out), "iters": result.iters, "seconds": round(result.seconds, 1),
                    "iters_per_second": round(result.iters_per_second, 3), "loss": result.last_loss,
                    "val_psnr_y": last.get("val_psnr_y")})
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False),
+              help="Weights to fine-tune: any checkpoint `export` accepts. Default: the packaged x2 weights.")
+@click.option("--data", type=click.Path(path_type=Path), required=True,
+              help="Directory of HR training images (searched recursively; never the evaluation sets).")
+@click.option("--iters", type=click.IntRange(1), default=3000, show_default=True,
+              help="Total iterations (a resumed run continues up to this count).")
+@click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Patches per iteration.")
+@click.option("--patch", type=click.IntRange(2), help="HR patch side in pixels. Default: 32 x scale.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Peak Adam learning rate of the weights (cosine decay to 1% at --iters).")
+@click.option("--range-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Peak Adam learning rate of the activation ranges.")
+@click.option("--target", type=click.Choice(FINETUNE_TARGETS), default="teacher", show_default=True,
+              help="teacher: the original fp32 model's output (distillation: the int8 model learns to be the "
+                   "fp32 one); gt: the HR patch; mix: the mean of both losses.")
+@click.option("--loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
+              help="Distance to the target.")
+@click.option("--val", type=click.Path(path_type=Path),
+              help="HR validation images: the bar shows the simulated int8 drop vs the original fp32 (Y-PSNR).")
+@click.option("--val-every", type=click.IntRange(1), default=500, show_default=True, help="Validate every K iterations.")
+@click.option("--save-every", type=click.IntRange(1), default=250, show_default=True,
+              help="Write the checkpoint every K iterations (atomically).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("runs/finetune/last.pth"),
+              show_default=True, help="Checkpoint to write: deploy-form params/params_ema plus the learned ranges.")
+@click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this finetune checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the batches.")
+@click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, target, loss, val, val_every, save_every, out, resume,
+             seed, threads, as_json):
+    """Quantization-aware fine-tuning: weights and int8 activation ranges learned together.
+
+    The folded model is trained through a fake-quantized twin of the int8 QDQ graph that
+    `quantize` writes (int8 per-channel weights, uint8 activations with learned ranges,
+    straight-through rounding). Then: `export --checkpoint OUT` carries the ranges into the
+    ONNX, and `quantize --method learned` writes the int8 model from exactly those ranges.
+    Compare the result against the ORIGINAL fp32 model (`compare --fp32 original.onnx`).
+    """
+    from tqdm import tqdm
+
+    from dipnet_deploy.finetune import FinetuneOptions
+    from dipnet_deploy.finetune import finetune as run_finetune
+
+    options = FinetuneOptions(iters=iters, batch=batch, patch=patch, lr=lr, range_lr=range_lr, target=target, loss=loss,
+                              val=val,
+                              val_every=val_every, save_every=save_every, seed=seed, resume=resume, threads=threads)
+    progress = IterationBar(iters, "finetune", "val_drop_db")
+    try:
+        result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress,
+                              warn=lambda m: tqdm.write(m, file=sys.stderr))
+    finally:
+        progress.close()
+    click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s, "
+               f"{result.points} learned activation ranges)")
+    if as_json:
+        last = result.history[-1] if result.history else {}
+        emit_json({"checkpoint": str(result.out), "iters": result.iters, "seconds": round(result.seconds, 1),
+                   "iters_per_second": round(result.iters_per_second, 3), "loss": result.last_loss,
+                   "learned_ranges": result.points, "val_drop_db": last.get("val_drop_db")})
+
+
+RUNTIME_HELP = ("What runs the ONNX models: onnxruntime (CPU) or OpenVINO's own API on the CPU (optional extra: "
+                "pip install 'dipnet-deploy[openvino]'); both read the same fp32 and QDQ int8 files.")
+runtime_option = click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime", show_default=True,
+                              help=RUNTIME_HELP)
 
 
 def _progress_bar(iterable, desc: str):
@@ -218,10 +320,11 @@ def _progress_bar(iterable, desc: str):
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration images (png, jpg, bmp, tif, webp; recursive, sorted by path). "
                    "Default: the project's calibration/ set, unless --ranges reuses saved ranges.")
-@click.option("--method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+@click.option("--method", type=click.Choice(QUANTIZE_METHODS), default="max",
               show_default=True,
               help="max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
-                   "(TensorRT-style); mse: range minimizing uint8 quantization MSE.")
+                   "(TensorRT-style); mse: range minimizing uint8 quantization MSE; learned: the ranges "
+                   "`finetune` learned, carried by the exported ONNX (no calibration, no equalization).")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.999, show_default=True,
               help="Kept percentile for --method percentile.")
 @click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False),
@@ -234,11 +337,11 @@ def _progress_bar(iterable, desc: str):
               help="Weight scales per output channel or one per tensor (weights are int8 symmetric).")
 @click.option("--symmetric-activations", is_flag=True,
               help="Activations int8 symmetric instead of uint8 asymmetric.")
-@click.option("--equalize/--no-equalize", default=True, show_default=True,
+@click.option("--equalize/--no-equalize", default=None,
               help="Rescale each activation channel (and the weights around it, same fp32 function) so it "
                    "fills its tensor's observed range: less int8 rounding noise, no range grows. "
                    "--no-equalize quantizes the graph as exported (what stock quantize_static does). "
-                   "With --ranges alone, the saved file decides.")
+                   "Default: on, except with --method learned. With --ranges alone, the saved file decides.")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
@@ -255,8 +358,10 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir
     from dipnet_deploy.quantize import quantize as run_quantize
 
-    if calib is None and ranges is None:
+    if calib is None and ranges is None and method != "learned":
         calib = default_calibration_dir()
+    if equalize is None:
+        equalize = method != "learned"
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize)
@@ -288,9 +393,10 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
               help="Parallel processes, each with its own onnxruntime sessions and cores / N threads.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
               help="Timed forwards per model for the latency (median).")
+@runtime_option
 @click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as one JSON line, last.")
 @user_errors
-def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, as_json):
+def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, runtime, as_json):
     """Measure what int8 costs: PSNR/SSIM of fp32, int8 and bicubic against HR, and latency.
 
     Writes REPORT_DIR (default: report/) with metrics.json, report.md and a self-contained
@@ -301,14 +407,13 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
 
     from dipnet_deploy.compare import CompareOptions, default_int8_for
     from dipnet_deploy.compare import compare as run_compare
-    from dipnet_deploy.report import write_report
+    from dipnet_deploy.report import check_report_dir, write_report
 
     if not data.is_dir():
         raise InputError(data, "not a directory")
     int8_path = int8_path or default_int8_for(fp32_path)
-    if report_dir.exists() and not report_dir.is_dir():
-        raise InputError(report_dir, "exists and is not a directory")
-    options = CompareOptions(protocol, limit, workers, repeats)
+    check_report_dir(report_dir, [("--fp32", fp32_path)] + ([("--int8", int8_path)] if int8_path else []))
+    options = CompareOptions(protocol, limit, workers, repeats, runtime)
     comparison = run_compare(fp32_path, int8_path, data, options,
                              progress=lambda it, n: tqdm(it, total=n, desc="compare", unit="img", file=sys.stderr),
                              warn=warn)
@@ -331,4 +436,96 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
             summary |= {"latency_fp32_s": round(latency["fp32"]["per_1080p_frame_s"], 4),
                         "latency_int8_s": round(latency["int8"]["per_1080p_frame_s"], 4),
                         "speedup_int8": round(latency["speedup_int8"], 3)}
+        emit_json(summary)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="INPUT...", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("build/dipnet_x2_1080x1920.int8.onnx"), show_default=True,
+              help="Fixed-shape SR ONNX (int8 from `quantize` or fp32 from `export`).")
+@click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True,
+              help="Folder to write into (created; must not be inside an input folder).")
+@runtime_option
+@click.option("--threads", type=click.IntRange(1), help="CPU threads of one forward (default: all cores).")
+@click.option("--codec", help="Video encoder (an FFmpeg encoder name: libx264, libx265, libvpx-vp9, libsvtav1...). "
+                              "Default: libx264 (H.264), libvpx-vp9 for .webm.")
+@click.option("--crf", type=click.IntRange(0, 63), default=18, show_default=True,
+              help="Video quality: the encoder's constant rate factor (lower is better and larger).")
+@click.option("--overwrite", is_flag=True, help="Replace outputs that exist (default: skip them with a warning).")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, as_json):
+    """Upscale images and videos (files or folders) with the deployed model.
+
+    INPUT: image files (png, jpg, bmp, tif, webp), videos (mp4, mkv, mov, webm, avi) and folders
+    (recursive; their tree is mirrored under --output). Images of any size go through exact tiles
+    with a halo (as in `compare`) and are written as PNG (gray becomes RGB, alpha is dropped,
+    16-bit becomes 8-bit, each with a note). Videos keep their container, frame rate, timestamps
+    and audio (copied); every frame is upscaled and re-encoded (H.264 by default, --codec/--crf).
+    Inputs that cannot be read are skipped with a warning.
+    """
+    from tqdm import tqdm
+
+    from dipnet_deploy.upscale import UpscaleOptions
+    from dipnet_deploy.upscale import upscale as run_upscale
+
+    bars = []
+
+    def progress(total: int):
+        bars.append(tqdm(total=total or None, desc="upscale", unit="frame", dynamic_ncols=True, file=sys.stderr))
+        return lambda: bars[0].update(1)
+
+    try:
+        result = run_upscale(list(inputs), model, output, UpscaleOptions(runtime, threads, codec, crf, overwrite),
+                             progress=progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
+    finally:
+        for bar in bars:
+            bar.close()
+    summary = result.summary(output, runtime)
+    click.echo(f"wrote {summary['files']} file(s) to {output} ({summary['images']} image(s), {summary['videos']} "
+               f"video(s), {summary['frames']} frames, {summary['frames_per_s']} frames/s; {summary['skipped']} skipped)")
+    if as_json:
+        emit_json(summary)
+
+
+@main.command()
+@click.option("--fp32", "fp32_path", type=click.Path(path_type=Path, dir_okay=False),
+              default=Path("build/dipnet_x2_1080x1920.onnx"), show_default=True, help="fp32 ONNX from `export`.")
+@click.option("--int8", "int8_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="int8 ONNX from `quantize`. Default: the fp32 path with .int8.onnx.")
+@click.option("--runtime", "runtimes", type=click.Choice(RUNTIMES), multiple=True,
+              help=RUNTIME_HELP + " Repeat to measure several side by side (all interleaved); "
+                                  "ratios are to the first one's fp32. Default: onnxruntime.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+              help="Timed forwards per model (median), and forwards per stream for the throughput.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads of one forward for the latency (default: all cores).")
+@click.option("--streams", type=click.IntRange(0),
+              help="Parallel streams for the throughput, each with cores / N threads (default: one per core; "
+                   "0 skips the throughput).")
+@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@user_errors
+def bench(fp32_path, int8_path, runtimes, repeats, threads, streams, as_json):
+    """Latency of fp32 and int8 per 1080p-equivalent frame, int8 speed-up, and throughput.
+
+    fp32 and int8 (of every runtime given) run interleaved, one forward each per round, so the
+    host's load hits them alike; times are medians scaled to a 1920x1080 frame. Throughput runs
+    N streams at once and counts 1080p-equivalent frames per second.
+    """
+    from dipnet_deploy.bench import BenchOptions
+    from dipnet_deploy.bench import bench as run_bench
+    from dipnet_deploy.quantize import default_int8_path
+
+    int8_path = int8_path or default_int8_path(fp32_path)
+    summary = run_bench(fp32_path, int8_path, BenchOptions(runtimes or ("onnxruntime",), repeats, threads, streams),
+                        progress=lambda message: click.echo(f"bench: {message}", err=True))
+    click.echo(f"{'runtime':<12} {'fp32 s/frame':>12} {'int8 s/frame':>12} {'speed-up':>9} "
+               f"{'int8 / ' + summary['reference']:>24} {'fp32 fps':>9} {'int8 fps':>9}")
+    for name, entry in summary["runtimes"].items():
+        fps = [f"{entry[k]:>9.3f}" if k in entry else f"{'-':>9}" for k in ("fp32_fps", "int8_fps")]
+        click.echo(f"{name:<12} {entry['fp32_s']:>12.3f} {entry['int8_s']:>12.3f} {entry['speedup']:>8.2f}x "
+                   f"{entry['int8_vs_reference_fp32']:>23.3f}x {fps[0]} {fps[1]}")
+    click.echo(f"(1080p-equivalent frames, {summary['input_shape'][2]}x{summary['input_shape'][3]} model input, "
+               f"median of {repeats}, {summary['threads']} threads; throughput with {summary['streams']} stream(s))")
+    if as_json:
         emit_json(summary)

@@ -1,4 +1,4 @@
-"""Stage 5: fp32 (and int8) ONNX + HR images -> metrics, through onnxruntime.
+"""Stage 5: fp32 (and int8) ONNX + HR images -> metrics, through onnxruntime (or OpenVINO: ``runtime.py``).
 
 Protocols:
 - ``sr`` (BasicSR convention): HR cropped to a multiple of the scale, LR = uint8 MATLAB
@@ -11,9 +11,10 @@ Protocols:
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
-import time
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ import numpy as np
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, to_uint8_rgb
-from dipnet_deploy.info import load_onnx
+from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.metrics import psnr, ssim
-from dipnet_deploy.sr_protocol import make_pair, score, to_input
+from dipnet_deploy.runtime import FULL_HD_PIXELS, check_runtime, time_interleaved
+from dipnet_deploy.sr_protocol import make_pair, score, to_input, unscorable
 from dipnet_deploy.tiling import TiledRunner
 
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
@@ -40,6 +42,7 @@ class CompareOptions:
     limit: int | None = None
     workers: int = 1
     latency_repeats: int = 5
+    runtime: str = "onnxruntime"  # one of runtime.RUNTIMES: what runs both models
 
 
 @dataclass
@@ -48,6 +51,7 @@ class ModelInfo:
     input_shape: list[int]
     scale: int
     sha256: str
+    quantized: bool = False  # holds integer ops (info.is_quantized)
 
 
 @dataclass
@@ -58,27 +62,42 @@ class Comparison:
     latency: dict = field(default_factory=dict)
     protocol: str = "sr"
     receptive_field: dict = field(default_factory=dict)
+    int8_origin: dict | None = None  # from the int8 model card: its method and the fp32 ONNX it was made from
 
 
 def inspect_model(path: Path, role: str) -> ModelInfo:
+    """A fixed-shape SR model given as ``role`` ("fp32" or "int8"), or a refusal."""
     model = load_onnx(path)
-    inputs = [vi for vi in model.graph.input if vi.name not in {i.name for i in model.graph.initializer}]
-    shape = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim] if len(inputs) == 1 else []
-    out = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim] if model.graph.output else []
-    if len(shape) != 4 or shape[:2] != [1, 3] or not all(shape) or len(out) != 4 or not out[2]:
-        raise InputError(path, f"not a fixed-shape SR ONNX ({role}: need input 1x3xHxW and output 1x3x(rH)x(rW))")
-    scale = out[2] // shape[2]
-    if out[2] != shape[2] * scale or out[3] != shape[3] * scale or scale < 1:
-        raise InputError(path, f"output {out} is not an integer upscale of input {shape}")
-    return ModelInfo(path, shape, scale, sha256_file(path))
+    shape, scale = sr_model_shape(model, path, f"--{role}")
+    return ModelInfo(path, shape, scale, sha256_file(path), is_quantized(model))
+
+
+def int8_origin(int8: ModelInfo, fp32: ModelInfo) -> dict | None:
+    """What ``quantize`` recorded in the int8 model's card: its method, and whether it was made from
+    this fp32 model or from other (fine-tuned) weights. None without a readable card."""
+    try:
+        card = json.loads(int8.path.with_suffix(".json").read_text())
+        method, source_sha256 = str(card["method"]), str(card["fp32_sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {"method": method, "fp32_onnx": str(card.get("fp32_onnx")),
+            "from_this_fp32": source_sha256 == fp32.sha256, "finetuned": method == "learned"}
 
 
 def check_pair(fp32: ModelInfo, int8: ModelInfo | None) -> None:
-    if int8 is None:
-        return
-    if int8.scale != fp32.scale or int8.input_shape != fp32.input_shape:
+    """Refuse an int8 model that does not match the fp32 one, then a model in the wrong role.
+
+    The fp32 model must hold no QuantizeLinear/DequantizeLinear/QLinear* nodes and the int8 one must.
+    """
+    if int8 is not None and (int8.scale != fp32.scale or int8.input_shape != fp32.input_shape):
         raise InputError(int8.path, f"does not match the fp32 model: x{int8.scale} {int8.input_shape} vs "
                                     f"x{fp32.scale} {fp32.input_shape}")
+    if fp32.quantized:
+        raise InputError(fp32.path, "--fp32: is quantized (it has QuantizeLinear/DequantizeLinear or QLinear* nodes); "
+                                    "give the fp32 model here")
+    if int8 is not None and not int8.quantized:
+        raise InputError(int8.path, "--int8: is not quantized (no QuantizeLinear/DequantizeLinear or QLinear* nodes); "
+                                    "give the int8 model here")
 
 
 # --------------------------------------------------------------------------- one image
@@ -127,8 +146,14 @@ def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol
 _WORKER: dict = {}
 
 
-def _init_worker(model_paths: dict[str, str], threads: int, protocol: str, scale: int) -> None:
-    _WORKER["runners"] = {name: TiledRunner(path, threads) for name, path in model_paths.items()}
+def _init_pool_worker(*args) -> None:
+    """``_init_worker`` in a pool process, which leaves Ctrl-C to the parent (it stops the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
+
+
+def _init_worker(model_paths: dict[str, str], threads: int, protocol: str, scale: int, runtime: str) -> None:
+    _WORKER["runners"] = {name: TiledRunner(path, threads, runtime=runtime) for name, path in model_paths.items()}
     _WORKER["protocol"], _WORKER["scale"] = protocol, scale
 
 
@@ -138,8 +163,8 @@ def _work(path: str) -> tuple[str, dict | None, str | None]:
     except InputError as error:
         return path, None, f"skipped {error}"
     scale = _WORKER["scale"]
-    if min(hr.shape[:2]) < 2 * scale:
-        return path, None, f"skipped {path}: {hr.shape[1]}x{hr.shape[0]} is too small for x{scale}"
+    if problem := unscorable(hr, scale):
+        return path, None, f"skipped {path}: {problem}"
     row = evaluate_image(hr, _WORKER["runners"], _WORKER["protocol"], scale)["row"]
     row["image"], row["notes"] = path, notes
     return path, row, None
@@ -151,17 +176,11 @@ def measure_latency(runners: dict[str, TiledRunner], repeats: int) -> dict:
         return {}
     first = next(iter(runners.values()))
     x = np.random.default_rng(0).random((1, 3, first.tile_h, first.tile_w), dtype=np.float32)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    for runner in runners.values():
-        runner.forward(x)  # warm-up
-    for _ in range(repeats):
-        for name, runner in runners.items():  # interleaved, so drifts in machine load hit both
-            began = time.perf_counter()
-            runner.forward(x)
-            times[name].append(time.perf_counter() - began)
-    per_frame = (1920 * 1080) / (first.tile_h * first.tile_w)
-    latency = {name: {"median_s": float(np.median(t)), "per_1080p_frame_s": float(np.median(t) * per_frame),
-                      "repeats": repeats} for name, t in times.items()}
+    times = time_interleaved({name: runner.forward for name, runner in runners.items()}, x, repeats)
+    per_frame = FULL_HD_PIXELS / (first.tile_h * first.tile_w)
+    latency: dict = {name: {"median_s": float(np.median(t)), "per_1080p_frame_s": float(np.median(t) * per_frame),
+                            "repeats": repeats} for name, t in times.items()}
+    latency["runtime"] = first.runtime
     if "int8" in latency:
         latency["speedup_int8"] = latency["fp32"]["median_s"] / latency["int8"]["median_s"]
     return latency
@@ -180,6 +199,7 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
             warn: Callable[[str], None] = print) -> Comparison:
     if options.protocol not in PROTOCOLS:
         raise InputError("--protocol", f"unknown protocol {options.protocol!r}")
+    check_runtime(options.runtime)
     fp32 = inspect_model(Path(fp32_path), "fp32")
     int8 = inspect_model(Path(int8_path), "int8") if int8_path else None
     check_pair(fp32, int8)
@@ -191,15 +211,16 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     model_paths = {"fp32": str(fp32.path), **({"int8": str(int8.path)} if int8 else {})}
     workers = max(1, min(options.workers, len(files)))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    comparison = Comparison(protocol=options.protocol, models={"fp32": fp32, **({"int8": int8} if int8 else {})})
+    comparison = Comparison(protocol=options.protocol, models={"fp32": fp32, **({"int8": int8} if int8 else {})},
+                            int8_origin=int8_origin(int8, fp32) if int8 else None)
     results: dict[str, dict] = {}
     if workers == 1:
-        _init_worker(model_paths, threads, options.protocol, fp32.scale)
+        _init_worker(model_paths, threads, options.protocol, fp32.scale, options.runtime)
         outcomes = map(_work, map(str, files))
         pool = None
     else:
         pool = multiprocessing.get_context("spawn").Pool(
-            workers, _init_worker, (model_paths, threads, options.protocol, fp32.scale))
+            workers, _init_pool_worker, (model_paths, threads, options.protocol, fp32.scale, options.runtime))
         outcomes = pool.imap_unordered(_work, map(str, files))
     try:
         for path, row, problem in progress(outcomes, len(files)):
@@ -212,12 +233,13 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
                 results[path] = row
     finally:
         if pool is not None:
-            pool.close()
+            pool.terminate()  # every result is in by now, unless an error or Ctrl-C stops the run: then at once
             pool.join()
     if not results:
         raise InputError(data_dir, f"no usable HR images ({len(files)} file(s), all skipped)")
     comparison.rows = [results[str(p)] for p in files if str(p) in results]
-    runners = _WORKER.get("runners") if workers == 1 else {n: TiledRunner(p, os.cpu_count()) for n, p in model_paths.items()}
+    runners = _WORKER.get("runners") if workers == 1 else {n: TiledRunner(p, os.cpu_count(), runtime=options.runtime)
+                                                           for n, p in model_paths.items()}
     field_ = next(iter(runners.values())).field
     comparison.receptive_field = {"radius": field_.radius, "local": field_.local,
                                   "halo": next(iter(runners.values())).halo}
@@ -239,7 +261,8 @@ def worst_image(comparison: Comparison) -> dict:
 
 def reproduce_images(comparison: Comparison, row: dict) -> dict:
     """Re-run one image to get its pictures for the report (rows keep only numbers)."""
-    runners = {name: TiledRunner(str(info.path)) for name, info in comparison.models.items()}
+    runtime = comparison.latency.get("runtime", "onnxruntime")
+    runners = {name: TiledRunner(str(info.path), runtime=runtime) for name, info in comparison.models.items()}
     hr, _ = read_rgb8(row["image"])
     return evaluate_image(hr, runners, comparison.protocol, comparison.models["fp32"].scale)["images"]
 

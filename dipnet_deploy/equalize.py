@@ -136,7 +136,7 @@ def equalization_scales(model: onnx.ModelProto, spaces: list[ChannelSpace], low:
             if symmetric_activations:
                 ceiling = max(ceiling, -floor)
                 floor = -ceiling
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):  # np.where evaluates both branches
                 limit = np.minimum(limit, np.where(channel_high > 0, ceiling / channel_high, np.inf))
                 limit = np.minimum(limit, np.where(channel_low < 0, floor / channel_low, np.inf))
         if not per_channel_weights:

@@ -25,9 +25,13 @@ import torch
 from dipnet_deploy import __version__
 from dipnet_deploy.archs.dipnet_arch import count_params
 from dipnet_deploy.checkpoint import LoadedCheckpoint
+from dipnet_deploy.config import refuse_beyond_memory
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import write_bytes_atomic, write_json_atomic
+from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable
 from dipnet_deploy.model_stats import onnx_summary, torch_conv_macs
+from dipnet_deploy.qat import LEARNED_RANGES_KEY, attach_learned_ranges
+from dipnet_deploy.safety import refuse_collisions
+from dipnet_deploy.tiling import receptive_field, smallest_tile
 
 TRACE_SIZE = 64  # small trace shape; must be large enough for ESA's strided conv + pool
 ORT_TOLERANCE = 1e-4
@@ -109,15 +113,33 @@ def ort_max_abs_diff(onnx_bytes: bytes, model: torch.nn.Module, height: int, wid
 
 
 def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions = ExportOptions()) -> ExportResult:
-    """Export a loaded checkpoint; writes ``output`` and its model card atomically."""
+    """Export a loaded checkpoint; writes ``output`` and its model card together, atomically.
+
+    Refused before any work: an output or card that is the checkpoint, or each other, or cannot be written.
+    """
     if options.height < TRACE_SIZE // 4 or options.width < TRACE_SIZE // 4:
         raise InputError("--height/--width", f"input {options.height}x{options.width} is too small (min {TRACE_SIZE // 4})")
     if loaded.config.esa and min(options.height, options.width) < 25:
         raise InputError("--height/--width", "ESA models need an input of at least 25x25 (strided conv + 7x7 pool)")
-    output = Path(output)
+    refuse_beyond_memory(loaded.config, "--height/--width", options.height, options.width, images=1)
+    output, card_path = Path(output), card_path_for(output)
+    refuse_unwritable(output)
+    refuse_collisions([("--output", output), ("model card", card_path)], [("--checkpoint", loaded.path)])
     started = time.perf_counter()
     model, config = loaded.model, loaded.config
-    graph = fix_shape(trace_to_onnx(model, options.opset), options.height, options.width, config.upscale, options.simplify)
+    traced = trace_to_onnx(model, options.opset)
+    smallest = smallest_tile(receptive_field(traced))
+    if min(options.height, options.width) < smallest:
+        raise InputError("--height/--width", f"input {options.height}x{options.width} is too small: `compare` runs the "
+                                             f"model by tiles with a {(smallest - 1) // 2} px halo, so each side must "
+                                             f"be at least {smallest}")
+    graph = fix_shape(traced, options.height, options.width, config.upscale, options.simplify)
+    learned_tensors = None
+    if loaded.learned_ranges is not None:
+        try:
+            learned_tensors = attach_learned_ranges(graph, loaded.learned_ranges)
+        except KeyError as error:
+            raise InputError(loaded.path, f"its learned ranges do not fit the exported graph ({error.args[0]})") from None
     onnx.checker.check_model(graph, full_check=True)
     onnx_bytes = graph.SerializeToString()
     ort_diff = ort_max_abs_diff(onnx_bytes, model, options.height, options.width) if options.verify else None
@@ -144,12 +166,15 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
         "training_form": loaded.training_form,
         "fold_max_abs_diff": loaded.fold_max_abs_diff if loaded.training_form else 0.0,
         "ort_max_abs_diff": ort_diff,
+        # finetune's ranges, in the ONNX metadata for `quantize --method learned`
+        "learned_ranges": {"tensors": learned_tensors, "points": len(loaded.learned_ranges),
+                           "metadata_key": LEARNED_RANGES_KEY} if learned_tensors else None,
         "onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
     }
     card["gflops"] = round(2 * card["macs"] / 1e9, 1)
-    write_bytes_atomic(output, onnx_bytes)
-    card_path = card_path_for(output)
-    write_json_atomic(card_path, card)
+    with atomic_paths(output, card_path) as (onnx_temp, card_temp):
+        onnx_temp.write_bytes(onnx_bytes)
+        card_temp.write_bytes(json_bytes(card))
     card["seconds"] = round(time.perf_counter() - started, 2)
     return ExportResult(output, card_path, card)
 

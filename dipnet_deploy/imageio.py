@@ -2,35 +2,89 @@
 
 Every reader returns 8-bit 3-channel RGB. Gray, gray+alpha, RGBA and 16-bit inputs are
 converted explicitly and the conversion is reported, never silently misread.
+
+Size limits: an image is decoded only when its header (read lazily by Pillow) declares at most
+``max_pixels()`` pixels (``DIPNET_MAX_MEGAPIXELS`` million, default 100) and its file is no larger
+than such an image can be (``MAX_BYTES_PER_PIXEL`` per allowed pixel plus ``HEADER_BYTES``); so
+a decompression bomb or a huge file named .png costs a header read, not gigabytes.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.safety import holds_our_report
+
+# OpenCV prints decoder complaints (several lines each) itself; our own one-line warnings say what matters
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+MAX_MEGAPIXELS_VARIABLE = "DIPNET_MAX_MEGAPIXELS"
+DEFAULT_MAX_MEGAPIXELS = 100.0
+MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA stored raw: the largest pixel we decode
+HEADER_BYTES = 16 << 20  # room for metadata, colour profiles and thumbnails
+
+Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check would stop raised limits; ours is in check_image_size
+
+
+def max_pixels() -> int:
+    """The decoded-size limit in pixels: ``DIPNET_MAX_MEGAPIXELS`` million (default 100)."""
+    text = os.environ.get(MAX_MEGAPIXELS_VARIABLE, "")
+    try:
+        megapixels = float(text) if text else DEFAULT_MAX_MEGAPIXELS
+    except ValueError:
+        megapixels = math.nan
+    if not (math.isfinite(megapixels) and megapixels > 0):
+        raise InputError(MAX_MEGAPIXELS_VARIABLE, f"{text!r} is not a positive number of megapixels")
+    return int(megapixels * 1e6)
+
+
+def check_image_size(path: Path) -> None:
+    """Refuse, before decoding, a file too large on disk or a header declaring more than ``max_pixels()``."""
+    limit = max_pixels()
+    raise_it = f"(set {MAX_MEGAPIXELS_VARIABLE} above {limit / 1e6:g} to allow larger images)"
+    size = path.stat().st_size
+    if size > MAX_BYTES_PER_PIXEL * limit + HEADER_BYTES:
+        raise InputError(path, f"{size / 2**20:,.0f} MiB is more than an image within the size limit can take {raise_it}")
+    try:
+        with warnings.catch_warnings(), Image.open(path) as image:  # parses the header; pixels stay on disk
+            warnings.simplefilter("ignore")
+            width, height = image.size
+    except PermissionError:
+        raise  # read_rgb8 says the file cannot be read
+    except Exception:  # Pillow raises many types on foreign or damaged headers
+        raise InputError(path, "not a readable image (unrecognized or damaged header)") from None
+    if width * height > limit:
+        raise InputError(path, f"{width}x{height} is {width * height / 1e6:,.0f} megapixels, over the limit {raise_it}")
 
 
 def read_rgb8(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """Read ``path`` as HxWx3 uint8 RGB; return it with notes on any conversion made.
 
-    Raises InputError when the file is missing, unreadable or not an image.
+    Raises InputError when the file is missing, unreadable, over the size limits or not an image.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
-    data = np.fromfile(str(path), dtype=np.uint8)
+    try:
+        check_image_size(path)
+        data = np.fromfile(str(path), dtype=np.uint8)
+    except OSError as error:
+        raise InputError(path, f"cannot be read ({error.strerror or error})") from None
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise InputError(path, "not a readable image (corrupt, truncated or unsupported format)")
     notes: list[str] = []
     if image.dtype == np.uint16:
-        image = np.floor(image.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)
+        image = cv2.convertScaleAbs(image, alpha=1 / 257)  # round(x / 257), exact for every 16-bit value
         notes.append("16-bit converted to 8-bit")
     elif image.dtype != np.uint8:
         raise InputError(path, f"unsupported pixel type {image.dtype}")
@@ -49,11 +103,21 @@ def read_rgb8(path: str | Path) -> tuple[np.ndarray, list[str]]:
 
 
 def list_images(directory: str | Path) -> list[Path]:
-    """Files under ``directory`` (recursive) with an image suffix, sorted by path."""
+    """Files under ``directory`` (recursive) with an image suffix, sorted by path.
+
+    Folders holding one of our reports are skipped (their figures are not data), and linked
+    folders are not entered (no loops); linked files are listed.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(directory, "not a directory")
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if holds_our_report(directory):
+        raise InputError(directory, "is a dipnet-deploy report folder (metrics.json), not a folder of images")
+    found = []
+    for folder, subfolders, names in os.walk(directory):
+        subfolders[:] = [name for name in subfolders if not holds_our_report(Path(folder) / name)]
+        found += [Path(folder) / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(path for path in found if path.is_file())
 
 
 def seed_preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+SSIM_WINDOW = 11  # side of the Gaussian window; SSIM needs images at least this large
+
 
 def rgb_to_y(image: np.ndarray) -> np.ndarray:
     """BT.601 luma on the [16, 235] scale from an RGB image on [0, 255] (float64)."""
@@ -40,11 +42,12 @@ def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, y_channel: bool
 
 def _ssim_single(a: np.ndarray, b: np.ndarray) -> float:
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    kernel = cv2.getGaussianKernel(11, 1.5)
+    kernel = cv2.getGaussianKernel(SSIM_WINDOW, 1.5)
     window = kernel @ kernel.T
+    half = SSIM_WINDOW // 2
 
     def valid(x: np.ndarray) -> np.ndarray:
-        return cv2.filter2D(x, -1, window)[5:-5, 5:-5]
+        return cv2.filter2D(x, -1, window)[half:-half, half:-half]
 
     mu_a, mu_b = valid(a), valid(b)
     var_a = valid(a * a) - mu_a**2
@@ -55,8 +58,11 @@ def _ssim_single(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
-    """Structural similarity (mean over channels)."""
+    """Structural similarity (mean over channels); the cropped images must be at least SSIM_WINDOW a side."""
     if img.shape != ref.shape:
         raise ValueError(f"shapes differ: {img.shape} vs {ref.shape}")
+    if min(img.shape[:2]) - 2 * crop_border < SSIM_WINDOW:
+        raise ValueError(f"{img.shape[1]}x{img.shape[0]} less a {crop_border} px border is smaller than the "
+                         f"{SSIM_WINDOW}x{SSIM_WINDOW} SSIM window")
     a, b = _prepare(img, crop_border, y_channel), _prepare(ref, crop_border, y_channel)
     return float(np.mean([_ssim_single(a[..., c], b[..., c]) for c in range(a.shape[2])]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import resource
 import tempfile
 import time
@@ -19,15 +20,19 @@ import numpy as np
 import onnx
 
 from dipnet_deploy import __version__
-from dipnet_deploy.calibrate import OBSERVERS, calibrate, make_observer
+from dipnet_deploy.calibrate import OBSERVERS, calibrate, float_tensors, make_observer
 from dipnet_deploy.equalize import MAX_SCALE, apply_equalization, channel_spaces
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import atomic_path, sha256_file, write_json_atomic
+from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
-from dipnet_deploy.info import load_onnx
+from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.model_stats import onnx_summary
+from dipnet_deploy.qat import read_attached_ranges, simulation_agreement, tensor_ranges
+from dipnet_deploy.safety import refuse_collisions
 
 RANGES_FORMAT = "dipnet-deploy-ranges/1"
+LEARNED = "learned"  # --method: the ranges `finetune` learned, carried in the fp32 ONNX
+METHODS = (*OBSERVERS, LEARNED)
 MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
 
 
@@ -66,17 +71,11 @@ def default_ranges_path(int8_path: Path) -> Path:
 def check_fp32_model(path: Path) -> tuple[onnx.ModelProto, list[int]]:
     """Load an fp32 DIPNet ONNX from ``export``; refuse anything else. Returns (model, input shape)."""
     model = load_onnx(path)
-    if any(node.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for node in model.graph.node):
+    if is_quantized(model):
         raise InputError(path, "is already quantized (expected the fp32 ONNX from `dipnet-deploy export`)")
-    inputs = [vi for vi in model.graph.input if vi.name not in {i.name for i in model.graph.initializer}]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise InputError(path, "not a DIPNet ONNX (expected one input and one output)")
-    tensor_type = inputs[0].type.tensor_type
-    shape = [d.dim_value for d in tensor_type.shape.dim]
-    if tensor_type.elem_type != onnx.TensorProto.FLOAT or len(shape) != 4 or shape[:2] != [1, 3] or not all(shape):
-        raise InputError(path, f"not an fp32 DIPNet ONNX (input must be float 1x3xHxW with fixed H, W; got {shape})")
     if not any(node.op_type == "Conv" for node in model.graph.node):
         raise InputError(path, "not a DIPNet ONNX (no Conv nodes)")
+    shape, _ = sr_model_shape(model, path, "--model")
     return model, shape
 
 
@@ -122,10 +121,16 @@ def select_images(directory: Path, limit: int | None, warn: Callable[[str], None
     return usable, skipped
 
 
+def ranges_header(model_path: Path, shape: list[int], method: str, parameters: dict) -> dict:
+    """The first fields of every ranges document: format, tool, the model (path, sha256, shape), method."""
+    return {"format": RANGES_FORMAT, "tool": f"dipnet-deploy {__version__}", "model": str(model_path),
+            "model_sha256": sha256_file(model_path), "input_shape": shape, "method": method, "parameters": parameters}
+
+
 def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
                    progress: Callable[[Iterator, str], Iterator] = lambda it, _d: it,
                    warn: Callable[[str], None] = print) -> dict:
-    """Calibrate and return the ranges document (what the ranges JSON holds)."""
+    """Calibrate and return the ranges document (what the ranges JSON holds); refuse a degenerate one."""
     model, shape = check_fp32_model(model_path)
     files, skipped = select_images(calib_dir, options.limit, warn)
     height, width = shape[2], shape[3]
@@ -134,14 +139,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     calibration = calibrate(model, SeedInputs(files, height, width), observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
-    return {
-        "format": RANGES_FORMAT,
-        "tool": f"dipnet-deploy {__version__}",
-        "model": str(model_path),
-        "model_sha256": sha256_file(model_path),
-        "input_shape": shape,
-        "method": options.method,
-        "parameters": observer.parameters(),
+    document = ranges_header(model_path, shape, options.method, observer.parameters()) | {
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
         "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
         "skipped": skipped,
@@ -153,6 +151,46 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
         "tensors_of": "the model with `equalization` applied" if options.equalize else "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
     }
+    check_ranges_document(document, calib_dir, float_tensors(model))
+    return document
+
+
+def learned_ranges_document(model_path: Path, options: QuantizeOptions) -> dict:
+    """The ranges document of ``--method learned``: the ranges ``finetune`` learned, from the ONNX.
+
+    No calibration: every quantized tensor gets the range learned for its quantization point
+    (``qat`` names), with the weight and activation types the ranges were learned for.
+    """
+    model, shape = check_fp32_model(model_path)
+    learned = read_attached_ranges(model)
+    if learned is None:
+        raise InputError(model_path, "carries no learned ranges (export a checkpoint written by "
+                                     "`dipnet-deploy finetune`, or choose another --method)")
+    if options.symmetric_activations or not options.per_channel or options.equalize:
+        raise InputError("--method learned", "the ranges were learned for per-channel int8 weights and uint8 "
+                                             "activations of the model as exported: drop --per-tensor, "
+                                             "--symmetric-activations and --equalize")
+    try:
+        tensors = tensor_ranges(model.graph, learned)
+    except KeyError as error:
+        raise InputError(model_path, f"its learned ranges do not fit its graph ({error.args[0]})") from None
+    points = {"points": {name: list(bounds) for name, bounds in sorted(learned.items())}}
+    document = ranges_header(model_path, shape, LEARNED, points) | {
+        "preprocessing": None,
+        "calibration_files": [],
+        "skipped": [],
+        "equalization": None,
+        "tensors_of": "the model",
+        "tensors": {name: {"min": low, "max": high} for name, (low, high) in tensors.items()},
+    }
+    check_ranges_document(document, model_path, float_tensors(model))
+    return document
+
+
+def agreement_image(shape: list[int]) -> tuple[Path, np.ndarray]:
+    """The image for the int8-vs-simulation check: the first default calibration photo at ``shape``."""
+    path = list_images(default_calibration_dir())[0]
+    return path, seed_preprocess(read_rgb8(path)[0], shape[2], shape[3])
 
 
 def read_ranges(path: Path, model_path: Path) -> dict:
@@ -167,7 +205,39 @@ def read_ranges(path: Path, model_path: Path) -> dict:
         raise InputError(path, f"not a dipnet-deploy ranges file (format {RANGES_FORMAT})")
     if document.get("model_sha256") != sha256_file(model_path):
         raise InputError(path, f"ranges were computed for another model ({document.get('model')}), not {model_path}")
+    check_ranges_document(document, path, float_tensors(onnx.load(str(model_path))))
     return document
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_ranges_document(document: dict, path: Path, needed: list[str]) -> None:
+    """Refuse a ranges document the quantizer cannot use as it is: the first problem, in one line.
+
+    ``needed`` are the tensors the quantizer reads ranges for (``float_tensors`` of the model; the
+    first is the image input). Every range must be finite with min <= max, and the input's must
+    have width: the quantizer would otherwise divide by a zero or non-finite scale.
+    """
+    for key, kind, json_name in (("method", str, "a string"), ("parameters", dict, "an object"),
+                                 ("calibration_files", list, "an array"), ("tensors", dict, "an object")):
+        if not isinstance(document.get(key), kind):
+            raise InputError(path, f"field {key!r} is missing or not {json_name}")
+    tensors = document["tensors"]
+    missing = [name for name in needed if name not in tensors]
+    if missing:
+        raise InputError(path, f"no range for tensor {missing[0]!r} ({len(missing)} of {len(needed)} missing)")
+    for name in needed:
+        entry = tensors[name]
+        low, high = (entry.get("min"), entry.get("max")) if isinstance(entry, dict) else (None, None)
+        if not (_is_number(low) and _is_number(high)):
+            raise InputError(path, f"tensor {name!r}: min and max must be numbers (got {entry!r:.80})")
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            raise InputError(path, f"tensor {name!r}: range [{low}, {high}] is not finite with min <= max")
+    low, high = tensors[needed[0]]["min"], tensors[needed[0]]["max"]
+    if low == high:
+        raise InputError(path, f"the input range is [{low}, {high}]: calibrated on flat images only")
 
 
 def equalized_model(model_path: Path, document: dict, document_path: Path) -> onnx.ModelProto:
@@ -192,28 +262,28 @@ def equalized_model(model_path: Path, document: dict, document_path: Path) -> on
 
 
 def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path, options: QuantizeOptions) -> None:
-    """Quantize with onnxruntime's QDQ quantizer from the given ranges (written atomically)."""
+    """Quantize with onnxruntime's QDQ quantizer from the given ranges into ``output`` (a temporary name)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     tensors = {name: (np.float32(r["min"]), np.float32(r["max"])) for name, r in document["tensors"].items()}
     ranges = TensorsData(CalibrationMethod.MinMax, tensors)
-    with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch, atomic_path(output) as temp:
+    with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch:
         cache, fp32 = Path(scratch) / "ranges.json", Path(scratch) / "fp32.onnx"
         save_tensors_data(ranges, cache)
         onnx.save(equalized_model(model_path, document, ranges_path), str(fp32))
         logging.getLogger().setLevel(logging.ERROR)  # silence the "consider pre-processing" advice
         quantize_static(
-            str(fp32), str(temp), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+            str(fp32), str(output), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
             per_channel=options.per_channel, reduce_range=False,
             activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
             weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
             calibration_cache_path=str(cache),
             extra_options={"ActivationSymmetric": options.symmetric_activations, "WeightSymmetric": True},
         )
-        int8 = onnx.load(str(temp))
-        int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
-        temp.write_bytes(int8.SerializeToString())
+    int8 = onnx.load(str(output))
+    int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
+    output.write_bytes(int8.SerializeToString())
 
 
 def equalization_summary(document: dict) -> dict | None:
@@ -246,52 +316,87 @@ def quantized_conv_report(model: onnx.ModelProto) -> dict:
     }
 
 
+def refuse_overwrites(model_path: Path, calib_dir: Path | None, ranges_path: Path, output: Path, card_path: Path,
+                      new_ranges: bool) -> None:
+    """Refuse, before any work, outputs that would replace an input or each other, or cannot be written.
+
+    The ranges file is an output when ``new_ranges`` and an input otherwise. The fp32 model's card
+    (``export``'s) counts as an input: a run never replaces what an earlier stage wrote.
+    """
+    ranges_role = [("--ranges", ranges_path)]
+    outputs = [("--output", output), ("model card", card_path)] + (ranges_role if new_ranges else [])
+    inputs = [("--model", model_path), ("the --model's card", model_path.with_suffix(".json"))]
+    inputs += [("calibration image", path) for path in list_images(calib_dir)] if calib_dir is not None else []
+    inputs += [] if new_ranges else ranges_role
+    for _, path in outputs:
+        refuse_unwritable(path)
+    refuse_collisions(outputs, inputs)
+
+
 def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | None = None,
              ranges_path: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
              progress: Callable[[Iterator, str], Iterator] = lambda it, _d: it,
              warn: Callable[[str], None] = print) -> QuantizeResult:
     """Calibrate (or reuse saved ranges) and write the int8 ONNX, its ranges JSON and model card."""
-    if options.method not in OBSERVERS:
-        raise InputError("--method", f"unknown method {options.method!r}")
+    if options.method not in METHODS:
+        raise InputError("--method", f"unknown method {options.method!r} (choose from {', '.join(METHODS)})")
+    learned = options.method == LEARNED
+    if learned and calib_dir is not None:
+        raise InputError("--calib", "--method learned takes no calibration images (the ranges come with the model)")
+    if not 50 < options.percentile <= 100:  # also refuses NaN, which click's range lets through
+        raise InputError("--percentile", f"{options.percentile} is not in (50, 100]")
     started = time.perf_counter()
     model_path = Path(model_path)
     check_fp32_model(model_path)
     output = Path(output) if output else default_int8_path(model_path)
-    if calib_dir is None and ranges_path is None:
+    if calib_dir is None and ranges_path is None and not learned:
         raise InputError("--calib", "give a calibration directory or a saved --ranges file")
-    if calib_dir is not None:
-        document = compute_ranges(model_path, Path(calib_dir), options, progress, warn)
-        ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
-        write_json_atomic(ranges_path, document)
-    else:
-        ranges_path = Path(ranges_path)
-        document = read_ranges(ranges_path, model_path)
-    write_int8(model_path, document, ranges_path, output, options)
-    int8 = onnx.load(str(output))
-    summary = onnx_summary(int8)
-    card = {
-        "tool": f"dipnet-deploy {__version__}",
-        "stage": "int8-onnx",
-        "onnx": str(output),
-        "onnx_sha256": sha256_file(output),
-        "fp32_onnx": str(model_path),
-        "fp32_sha256": document["model_sha256"],
-        "ranges": str(ranges_path),
-        "ranges_sha256": sha256_file(ranges_path),
-        "method": document["method"],
-        "parameters": document["parameters"],
-        "calibration_images": len(document["calibration_files"]),
-        "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor"),
-        "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
-        "equalization": equalization_summary(document),
-        "format": "QDQ (onnxruntime quantize_static)",
-        "conv_report": quantized_conv_report(int8),
-        "ops": summary["ops"],
-        "input_shape": summary["inputs"],
-        "output_shape": summary["outputs"],
-    }
+    calib_dir = Path(calib_dir) if calib_dir is not None else None
+    ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
     card_path = output.with_suffix(".json")
-    write_json_atomic(card_path, card)
+    new_ranges = calib_dir is not None or learned
+    refuse_overwrites(model_path, calib_dir, ranges_path, output, card_path, new_ranges)
+    if learned:
+        document = learned_ranges_document(model_path, options)
+    elif calib_dir is not None:
+        document = compute_ranges(model_path, calib_dir, options, progress, warn)
+    else:
+        document = read_ranges(ranges_path, model_path)
+    # the int8 model, its card and the new ranges appear together or not at all
+    with atomic_paths(output, card_path, *([ranges_path] if new_ranges else [])) as temps:
+        int8_temp, card_temp = temps[:2]
+        if new_ranges:
+            temps[2].write_bytes(json_bytes(document))
+        write_int8(model_path, document, ranges_path, int8_temp, options)
+        int8 = onnx.load(str(int8_temp))
+        summary = onnx_summary(int8)
+        card = {
+            "tool": f"dipnet-deploy {__version__}",
+            "stage": "int8-onnx",
+            "onnx": str(output),
+            "onnx_sha256": sha256_file(int8_temp),
+            "fp32_onnx": str(model_path),
+            "fp32_sha256": document["model_sha256"],
+            "ranges": str(ranges_path),
+            "ranges_sha256": sha256_file(temps[2] if new_ranges else ranges_path),
+            "method": document["method"],
+            "parameters": document["parameters"],
+            "calibration_images": len(document["calibration_files"]),
+            "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor"),
+            "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
+            "equalization": equalization_summary(document),
+            "format": "QDQ (onnxruntime quantize_static)",
+            "conv_report": quantized_conv_report(int8),
+            "ops": summary["ops"],
+            "input_shape": summary["inputs"],
+            "output_shape": summary["outputs"],
+        }
+        if document["method"] == LEARNED:
+            fp32 = onnx.load(str(model_path))
+            image_path, image = agreement_image(document["input_shape"])
+            card["simulation_agreement"] = {"image": str(image_path), **simulation_agreement(
+                fp32, int8_temp, read_attached_ranges(fp32), image)}
+        card_temp.write_bytes(json_bytes(card))
     summary_line = {
         "model": str(model_path), "int8": str(output), "ranges": str(ranges_path), "card": str(card_path),
         "method": document["method"], "equalized": bool(document.get("equalization")),

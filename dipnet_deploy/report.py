@@ -2,10 +2,11 @@
 
 metrics.json schema (version 1):
   protocol, scale, models.{fp32,int8}.{path,sha256,input_shape}, receptive_field,
+  int8_origin (null or {method, fp32_onnx, from_this_fp32, finetuned}),
   mean.{psnr_y,ssim_y,psnr_rgb,ssim_rgb}.{fp32,int8,bicubic}, mean_int8_vs_fp32.{psnr_rgb,max_abs_diff},
   images[]: {image, hr_size, lr_size, tiles, psnr_y.{..}, ssim_y.{..}, psnr_rgb.{..}, ssim_rgb.{..},
              int8_vs_fp32.{psnr_rgb,max_abs_diff}, drop_psnr_y},
-  latency.{fp32,int8}.{median_s,per_1080p_frame_s,repeats}, latency.speedup_int8, skipped[]
+  latency.{fp32,int8}.{median_s,per_1080p_frame_s,repeats}, latency.speedup_int8, latency.runtime, skipped[]
 PSNR in dB, SSIM in [0, 1], max_abs_diff in 8-bit levels, times in seconds.
 Pictures are PNG files beside index.html (and embedded in it, so the page is self-contained).
 """
@@ -13,11 +14,12 @@ Pictures are PNG files beside index.html (and embedded in it, so the page is sel
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
-import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import matplotlib
@@ -29,6 +31,8 @@ import numpy as np  # noqa: E402
 from dipnet_deploy import __version__  # noqa: E402
 from dipnet_deploy.compare import METRICS, Comparison, means, reproduce_images, worst_image  # noqa: E402
 from dipnet_deploy.errors import InputError  # noqa: E402
+from dipnet_deploy.fileio import json_bytes, refuse_unwritable  # noqa: E402
+from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, holds_our_report, refuse_collisions  # noqa: E402
 
 COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
 CROP = 96  # HR pixels of the side-by-side crops
@@ -37,13 +41,14 @@ CROP = 96  # HR pixels of the side-by-side crops
 def metrics_document(comparison: Comparison) -> dict:
     rows = comparison.rows
     document = {
-        "schema": "dipnet-deploy-metrics/1",
+        "schema": f"{METRICS_SCHEMA_PREFIX}1",
         "tool": f"dipnet-deploy {__version__}",
         "protocol": comparison.protocol,
         "scale": comparison.models["fp32"].scale,
         "models": {name: {"path": str(info.path), "sha256": info.sha256, "input_shape": info.input_shape}
                    for name, info in comparison.models.items()},
         "receptive_field": comparison.receptive_field,
+        "int8_origin": comparison.int8_origin,
         "count": len(rows),
         "mean": means(rows),
         "images": rows,
@@ -153,10 +158,22 @@ def _latency_lines(document: dict) -> list[str]:
             shape = "x".join(map(str, document["models"][name]["input_shape"]))
             lines.append(f"{name}: {latency[name]['median_s'] * 1000:.0f} ms per {shape} forward, "
                          f"{latency[name]['per_1080p_frame_s'] * 1000:.0f} ms per 1080p-equivalent frame "
-                         f"(median of {latency[name]['repeats']}, onnxruntime CPU, {os.cpu_count()} cores)")
+                         f"(median of {latency[name]['repeats']}, {latency.get('runtime', 'onnxruntime')} CPU, "
+                         f"{os.cpu_count()} cores)")
     if "speedup_int8" in latency:
         lines.append(f"int8 speed-up: {latency['speedup_int8']:.2f}x")
     return lines
+
+
+def _origin_text(document: dict) -> str:
+    """One sentence on where the int8 model came from, when its card says it is not this fp32 quantized."""
+    origin = document.get("int8_origin")
+    if not origin or origin["from_this_fp32"]:
+        return ""
+    what = ("fine-tuned weights (quantization-aware `finetune`, `--method learned`)" if origin["finetuned"]
+            else f"another fp32 model (`--method {origin['method']}`)")
+    return (f"The int8 model was made from {what}: {origin['fp32_onnx']}. Its figures are measured against the fp32 "
+            "model above, the one it replaces.")
 
 
 def _protocol_text(document: dict) -> str:
@@ -175,16 +192,39 @@ def _protocol_text(document: dict) -> str:
             "bilinear to the output size; full RGB, no crop; outputs clipped x255 as floats.")
 
 
-def write_report(comparison: Comparison, report_dir: Path) -> dict:
-    """Write metrics.json, report.md, index.html and the PNGs; atomically (temp dir + rename)."""
+REPORT_FILES = ("psnr_per_image.png", "worst_crops.png", "error_heatmap.png", "report.md", "index.html",
+                "metrics.json")  # every file write_report makes, in the order they are moved in: metrics.json last
+
+
+def check_report_dir(report_dir: Path, inputs: Iterable[tuple[str, Path]] = ()) -> None:
+    """Refuse a report folder before any work: not a folder, not writable, holding someone else's files,
+    or where one of our report files would replace an input (``inputs``: (option, path) pairs)."""
     report_dir = Path(report_dir)
     if report_dir.exists() and not report_dir.is_dir():
         raise InputError(report_dir, "exists and is not a directory")
+    if report_dir.is_dir() and any(report_dir.iterdir()) and not holds_our_report(report_dir):
+        raise InputError(report_dir, "is a non-empty folder that is not a dipnet-deploy report (no metrics.json of "
+                                     "ours); give a new or empty folder, or a previous report to update")
+    refuse_unwritable(report_dir, folder=True)
+    refuse_collisions([(f"report file {name}", report_dir / name) for name in REPORT_FILES], inputs)
+
+
+def write_report(comparison: Comparison, report_dir: Path) -> dict:
+    """Write REPORT_FILES into ``report_dir``, replacing only those; nothing else there is touched.
+
+    The folder must be new, empty or a previous report (``check_report_dir``). The files are made in a
+    hidden staging folder inside ``report_dir`` and moved in at the end, so a failed or interrupted run
+    leaves the folder as it was.
+    """
+    report_dir = Path(report_dir)
+    check_report_dir(report_dir, [(f"--{name}", info.path) for name, info in comparison.models.items()])
+    created = not report_dir.exists()
     try:
-        report_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{report_dir.name}.", dir=report_dir.parent))
+        report_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".dipnet-report-", dir=report_dir))
     except OSError as error:
         raise InputError(report_dir, f"cannot write the report ({error.strerror})") from None
+    finished = False
     try:
         document = metrics_document(comparison)
         worst = worst_image(comparison)
@@ -196,15 +236,20 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
         _crops_figure(images, caption, staging / "worst_crops.png", amplify=32.0)
         heat_label = _heatmap(images, staging / "error_heatmap.png")
         document["worst_image"] = worst["image"]
-        (staging / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
+        (staging / "metrics.json").write_bytes(json_bytes(document))
         (staging / "report.md").write_text(_markdown(document, caption, heat_label))
         (staging / "index.html").write_text(_html(document, caption, heat_label, staging))
-        os.chmod(staging, 0o755)
-        if report_dir.exists():
-            shutil.rmtree(report_dir)
-        os.replace(staging, report_dir)
+        try:
+            for name in REPORT_FILES:
+                os.replace(staging / name, report_dir / name)
+        except OSError as error:
+            raise InputError(report_dir / name, f"cannot write the report file ({error.strerror})") from None
+        finished = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # our own staging folder only
+        if created and not finished:
+            with contextlib.suppress(OSError):
+                report_dir.rmdir()  # only when still empty
     return document
 
 
@@ -212,7 +257,7 @@ def _markdown(document: dict, caption: str, heat_label: str) -> str:
     header = "| | PSNR-Y (dB) | SSIM-Y | PSNR-RGB (dB) | SSIM-RGB |\n|---|---|---|---|---|\n"
     table = header + "".join("| " + " | ".join(row) + " |\n" for row in _summary_rows(document))
     lines = [f"# fp32 vs int8 — {document['count']} images, x{document['scale']}, protocol `{document['protocol']}`",
-             "", _protocol_text(document), "", table]
+             "", _protocol_text(document), "", *([_origin_text(document), ""] if _origin_text(document) else []), table]
     if "mean_int8_vs_fp32" in document:
         fidelity = document["mean_int8_vs_fp32"]
         lines += [f"int8 vs fp32 fidelity: mean PSNR {fidelity['psnr_rgb']:.2f} dB, "
@@ -255,6 +300,7 @@ def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
         headline = (f"<p class=headline>int8 costs <b>{m['fp32'] - m['int8']:.2f} dB</b> PSNR-Y "
                     f"({m['fp32']:.2f} → {m['int8']:.2f} dB)" +
                     (f" and runs <b>{speed:.2f}×</b> the speed of fp32" if speed else "") + ".</p>")
+    origin = f"<p>{e(_origin_text(document))}</p>" if _origin_text(document) else ""
     models = "".join(f"<li>{n}: <code>{e(m['path'])}</code> ({'x'.join(map(str, m['input_shape']))}, "
                      f"sha256 {m['sha256'][:12]}…)</li>" for n, m in document["models"].items())
     latency = "".join(f"<li>{e(line)}</li>" for line in _latency_lines(document))
@@ -268,7 +314,7 @@ td:first-child,th:first-child{{text-align:left}} th{{background:#f3f3f3}}
 img{{max-width:100%}} code{{font-size:.9em}} .muted{{color:#666;font-size:.9em}}
 </style></head><body>
 <h1>fp32 vs int8 — {document['count']} images, ×{document['scale']}</h1>
-{headline}
+{headline}{origin}
 <p class=muted>{e(_protocol_text(document))}</p>
 <h2>Summary (mean over images)</h2><table><tr>{head}</tr>{body}</table>{fidelity}
 <h2>Latency</h2><ul>{latency}</ul>

@@ -11,7 +11,21 @@ import torch
 
 from dipnet_deploy.imageio import to_uint8_rgb
 from dipnet_deploy.matlab_resize import bicubic_lr, crop_to_multiple
-from dipnet_deploy.metrics import psnr, ssim
+from dipnet_deploy.metrics import SSIM_WINDOW, psnr, ssim
+
+
+def unscorable(hr: np.ndarray, scale: int) -> str | None:
+    """Why HR image ``hr`` cannot be scored at ``scale`` (None when it can).
+
+    After cropping to a multiple of the scale and removing ``scale`` px per edge, an SSIM window must
+    fit; and a flat image (one colour) is reproduced exactly by any upscaler, so its PSNR is infinite.
+    """
+    need = -(-(SSIM_WINDOW + 2 * scale) // scale) * scale  # the smallest such multiple of the scale
+    if min(hr.shape[:2]) < need:
+        return f"{hr.shape[1]}x{hr.shape[0]} is too small for x{scale} (PSNR/SSIM need at least {need} px a side)"
+    if hr.min() == hr.max():
+        return "is one flat colour (its PSNR would be infinite)"
+    return None
 
 
 def make_pair(hr: np.ndarray, scale: int) -> tuple[np.ndarray, np.ndarray]:

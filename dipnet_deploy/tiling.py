@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
+
+from dipnet_deploy.runtime import open_session
 
 GLOBAL_OPS = {"Resize", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"}
 
@@ -51,6 +52,14 @@ def receptive_field(model: onnx.ModelProto) -> ReceptiveField:
     return ReceptiveField(radius.get(model.graph.output[0].name, 0), local)
 
 
+def smallest_tile(field: ReceptiveField) -> int:
+    """Smallest input side ``TiledRunner`` can tile exactly: one core pixel between two halos of radius + 1.
+
+    Models with a global field (ESA) get a halo that shrinks to fit, so any side works for them (0).
+    """
+    return 2 * (field.radius + 1) + 1 if field.local else 0
+
+
 def tile_starts(length: int, tile: int, halo: int) -> list[int]:
     """Start offsets of tiles covering [0, length); cores abut (step = tile - 2 * halo)."""
     if length <= tile:
@@ -70,9 +79,14 @@ def core(start: int, tile: int, length: int, halo: int) -> tuple[int, int]:
 
 
 class TiledRunner:
-    """Runs an ONNX SR model with fixed input [1, 3, H, W] on [1, 3, h, w] inputs of any size."""
+    """Runs an ONNX SR model with fixed input [1, 3, H, W] on [1, 3, h, w] inputs of any size.
 
-    def __init__(self, model_path: str, threads: int | None = None, halo: int | None = None):
+    The one tiling implementation: ``compare`` and ``upscale`` both go through ``run``. ``runtime``
+    is one of ``runtime.RUNTIMES``; ``threads`` bounds the CPU threads of one forward.
+    """
+
+    def __init__(self, model_path: str, threads: int | None = None, halo: int | None = None,
+                 runtime: str = "onnxruntime"):
         model = onnx.load(str(model_path))
         dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
         out_dims = [d.dim_value for d in model.graph.output[0].type.tensor_type.shape.dim]
@@ -84,18 +98,17 @@ class TiledRunner:
         self.halo = min(self.halo, (min(self.tile_h, self.tile_w) - 1) // 4) if not self.field.local else self.halo
         if 2 * self.halo >= min(self.tile_h, self.tile_w):
             raise ValueError(f"model input {self.tile_h}x{self.tile_w} is too small for a halo of {self.halo} px")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+        self.runtime = runtime
+        self.session = open_session(model_path, runtime, threads)
 
     def forward(self, tile: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: tile})[0]
+        return self.session.run(tile)
 
     def run(self, lr: np.ndarray) -> tuple[np.ndarray, int]:
         """[1, 3, h, w] float32 -> ([1, 3, h*r, w*r] float32, number of tiles)."""
         _, channels, height, width = lr.shape
+        if (height, width) == (self.tile_h, self.tile_w):  # one tile, no padding (a 1080p video frame): no copies
+            return self.forward(np.ascontiguousarray(lr, dtype=np.float32)), 1
         padded = np.pad(lr, ((0, 0), (0, 0), (0, max(0, self.tile_h - height)), (0, max(0, self.tile_w - width))),
                         mode="symmetric")
         r = self.scale

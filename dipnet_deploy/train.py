@@ -24,12 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model, fold_model
-from dipnet_deploy.checkpoint import check_state_dict, load_file
-from dipnet_deploy.config import PRESETS, DIPNetConfig
+from dipnet_deploy.checkpoint import check_finite, check_state_dict, load_file
+from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, read_rgb8
-from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score
+from dipnet_deploy.safety import refuse_collisions
+from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
 
 ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least one pixel
 
@@ -122,6 +123,9 @@ def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], Non
         except InputError as error:
             warn(f"warning: skipped {error}")
             continue
+        if problem := unscorable(hr, scale):
+            warn(f"warning: skipped {path}: {problem}")
+            continue
         pairs.append(make_pair(hr, scale))
     if not pairs:
         raise InputError(directory, "no readable validation images")
@@ -137,31 +141,133 @@ def cosine_lr(iteration: int, cycle_start: int, cycle_end: int, peak: float, flo
     return floor + 0.5 * (peak - floor) * (1.0 + math.cos(math.pi * progress))
 
 
+# what a resumable checkpoint must hold: field -> (accepted types, what to call it); optional fields may be absent
+RESUME_FIELDS = {"params": (dict, "a state dict"), "params_ema": (dict, "a state dict"), "iter": (int, "an integer"),
+                 "config": (dict, "a dict"), "optimizer": (dict, "an optimizer state dict")}
+RESUME_OPTIONAL = {"schedule": (dict, "a dict"), "history": (list, "a list"), "wall_seconds": ((int, float), "a number")}
+
+
 def _resume_state(path: Path, config: DIPNetConfig) -> dict:
+    """The checkpoint of ``path`` checked field by field for a resumed run of ``config``."""
     checkpoint = load_file(path)
-    if "optimizer" not in checkpoint or not isinstance(checkpoint.get("params"), dict):
-        raise InputError(path, "not a resumable training checkpoint (no optimizer state)")
-    saved = DIPNetConfig.from_dict(checkpoint.get("config", {}))
+    fields = RESUME_FIELDS | {k: v for k, v in RESUME_OPTIONAL.items() if k in checkpoint}
+    for key, (kind, name) in fields.items():
+        if not isinstance(checkpoint.get(key), kind) or isinstance(checkpoint.get(key), bool):
+            raise InputError(path, f"not a resumable training checkpoint ({key!r} is missing or not {name})")
+    optimizer, schedule = checkpoint["optimizer"], checkpoint.get("schedule", {})
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        raise InputError(path, "not a resumable training checkpoint (the optimizer state has no param groups)")
+    if checkpoint["iter"] < 0 or not isinstance(schedule.get("cycle_start", 0), int):
+        raise InputError(path, "not a resumable training checkpoint (negative 'iter' or a bad schedule)")
+    saved = DIPNetConfig.from_dict(checkpoint["config"])
     if saved != config:
         raise InputError(path, f"checkpoint is for {saved}, not the requested {config}")
-    check_state_dict(path, checkpoint["params"], build_train_model(config).state_dict())
+    expected = build_train_model(config).state_dict()
+    for key in ("params", "params_ema"):
+        check_state_dict(path, checkpoint[key], expected)
+        check_finite(path, checkpoint[key])
     return checkpoint
 
 
-def _save(path: Path, model, ema, optimizer, cycle_start, iteration, config, train_config, history, wall) -> None:
-    payload = {
-        "wall_seconds": wall,
-        "params": model.state_dict(),
-        "params_ema": ema.state_dict(),
-        "iter": iteration,
-        "config": config.to_dict(),
-        "optimizer": optimizer.state_dict(),
-        "schedule": {"cycle_start": cycle_start, "lr": train_config.lr, "lr_min": train_config.lr_min},
-        "train": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(train_config).items()},
-        "history": history,
-    }
-    with atomic_path(path) as temp:
-        torch.save(payload, temp)
+@dataclass
+class Run:
+    """What a training loop carries across iterations and into its checkpoint (BasicSR layout).
+
+    Each optimizer param group holds ``peak_lr`` and ``floor_lr``: the cosine cycle's ends.
+    """
+
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    iteration: int = 0  # iterations done
+    cycle_start: int = 0
+    history: list[dict] = field(default_factory=list)
+    wall_before: float = 0.0  # seconds spent before this process (resumed runs)
+    # what ``params``/``params_ema`` hold of a model, and how they go back into it
+    params_of: Callable[[torch.nn.Module], dict] = lambda module: module.state_dict()
+    load_params: Callable[[torch.nn.Module, dict], object] = lambda module, params: module.load_state_dict(params)
+
+    def payload(self, config: DIPNetConfig, settings: dict, wall: float) -> dict:
+        """The checkpoint dict: ``params``/``params_ema`` state dicts, optimizer, schedule, history."""
+        return {
+            "wall_seconds": wall,
+            "params": self.params_of(self.model),
+            "params_ema": self.params_of(self.ema),
+            "iter": self.iteration,
+            "config": config.to_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"cycle_start": self.cycle_start,
+                         "lr": [g["peak_lr"] for g in self.optimizer.param_groups],
+                         "lr_min": [g["floor_lr"] for g in self.optimizer.param_groups]},
+            "train": {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()},
+            "history": self.history,
+        }
+
+    def restore(self, checkpoint: dict, restart: bool) -> None:
+        """Continue from a saved payload; ``restart`` begins a new cosine cycle at its iteration."""
+        self.load_params(self.model, checkpoint["params"])
+        self.load_params(self.ema, checkpoint["params_ema"])
+        ends = [(g["peak_lr"], g["floor_lr"]) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, (peak, floor) in zip(self.optimizer.param_groups, ends):  # this run's --lr, not the saved one
+            group["peak_lr"], group["floor_lr"] = peak, floor
+        self.iteration, self.history = int(checkpoint["iter"]), list(checkpoint.get("history", []))
+        self.wall_before = float(checkpoint.get("wall_seconds", 0.0))
+        # a resumed run continues its cycle (--iters may extend it) unless told to restart it here
+        self.cycle_start = self.iteration if restart else int(checkpoint.get("schedule", {}).get("cycle_start", 0))
+
+
+def make_run(model: torch.nn.Module, groups: list[dict], floor_ratio: float) -> Run:
+    """A run over ``model`` with Adam (0.9, 0.99) on param ``groups`` (each with its peak ``lr``)."""
+    for group in groups:
+        group["peak_lr"], group["floor_lr"] = group["lr"], group["lr"] * floor_ratio
+    ema = copy.deepcopy(model).eval()
+    for parameter in ema.parameters():
+        parameter.requires_grad_(False)
+    return Run(model, ema, torch.optim.Adam(groups, betas=(0.9, 0.99)))
+
+
+def fit(run: Run, data: PairedPatches, loss_of: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+        *, iters: int, batch: int, seed: int, ema_decay: float, save: Callable[[float], None], save_every: int,
+        validate_every: int = 0, validation: Callable[[], dict] | None = None,
+        progress: Callable | None = None) -> tuple[float, float]:
+    """Run iterations ``run.iteration + 1 .. iters``; returns (seconds, last loss).
+
+    Batches of iteration i come from ``(seed, i)`` alone, so a resumed run draws what an
+    uninterrupted one would. ``save(wall_seconds)`` writes the checkpoint every ``save_every``
+    iterations and at the end; ``validation()`` returns a history entry every
+    ``validate_every``. A non-finite loss stops the run before the step, keeping the last
+    checkpoint written.
+    """
+    began, loss_value = time.perf_counter(), math.nan
+    while run.iteration < iters:
+        iteration = run.iteration + 1
+        rng = np.random.default_rng([seed, iteration])
+        lr_batch, hr_batch = data.batch(rng, batch)
+        for group in run.optimizer.param_groups:
+            group["lr"] = cosine_lr(iteration, run.cycle_start, iters, group["peak_lr"], group["floor_lr"])
+        loss = loss_of(run.model, lr_batch, hr_batch)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise InputError("--lr", f"the loss became {loss_value} at iteration {iteration}: stopped, the last "
+                                     "checkpoint written is kept (try a lower --lr)")
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        with torch.no_grad():
+            for target, source in zip(run.ema.parameters(), run.model.parameters()):
+                target.lerp_(source, 1.0 - ema_decay)
+        run.iteration = iteration
+        entry = None
+        if validation and (iteration % validate_every == 0 or iteration == iters):
+            entry = {"iter": iteration, "loss": loss_value} | validation()
+            entry["wall_seconds"] = round(run.wall_before + time.perf_counter() - began, 1)
+            run.history.append(entry)
+        if iteration % save_every == 0 or iteration == iters:
+            save(run.wall_before + time.perf_counter() - began)
+        if progress:
+            progress(iteration, loss_value, entry)
+    return time.perf_counter() - began, loss_value
 
 
 def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[str], None] = print) -> TrainResult:
@@ -172,13 +278,20 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
         raise InputError("--loss", f"unknown loss {cfg.loss!r} (choose from {', '.join(LOSSES)})")
     if cfg.restart and not cfg.resume:
         raise InputError("--restart", "needs --resume (it restarts the schedule of a resumed run)")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):  # click's range lets NaN and inf through
+        raise InputError("--lr", f"{cfg.lr} is not a positive finite learning rate")
     for name in ("iters", "batch", "patch", "val_every", "save_every"):
         if getattr(cfg, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')}", "must be positive")
     config = PRESETS[cfg.preset].replace(expansion=cfg.expansion)
+    lr_side = cfg.patch // config.upscale
+    refuse_beyond_memory(config, "--expansion/--batch/--patch", lr_side, lr_side, cfg.batch, training=True)
     if config.esa and cfg.patch // config.upscale < ESA_MIN_SIZE:
         raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px "
                                     f"(--patch >= {ESA_MIN_SIZE * config.upscale} at x{config.upscale})")
+    # --out may be --resume (a run continues its own checkpoint) but never one of the images it reads
+    images = list_images(cfg.data) + (list_images(cfg.val) if cfg.val is not None else [])
+    refuse_collisions([("--out", cfg.out)], [("a --data/--val image", path) for path in images])
     ensure_parent(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -188,47 +301,25 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
 
     torch.manual_seed(cfg.seed)
     model = build_train_model(config).train()
-    ema = copy.deepcopy(model).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
-    start, cycle_start, history, wall_before = 0, 0, [], 0.0
+    run = make_run(model, [{"params": list(model.parameters()), "lr": cfg.lr}], cfg.lr_min / cfg.lr)
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["params"])
-        ema.load_state_dict(checkpoint["params_ema"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start, history = int(checkpoint["iter"]), list(checkpoint.get("history", []))
-        wall_before = float(checkpoint.get("wall_seconds", 0.0))
-        # a resumed run continues its cycle (--iters may extend it) unless told to restart it here
-        cycle_start = start if cfg.restart else int(checkpoint.get("schedule", {}).get("cycle_start", 0))
-    if start >= cfg.iters:
-        raise InputError(cfg.resume, f"checkpoint is already at iteration {start}; --iters {cfg.iters} leaves nothing to do")
-    loss_fn = LOSSES[cfg.loss]
-    for parameter in ema.parameters():
-        parameter.requires_grad_(False)
+        try:
+            run.restore(checkpoint, cfg.restart)
+        except (ValueError, KeyError, TypeError) as error:  # torch's optimizer checks of the saved groups
+            raise InputError(cfg.resume, f"its optimizer state does not fit this model ({error})") from None
+    if run.iteration >= cfg.iters:
+        raise InputError(cfg.resume, f"checkpoint is already at iteration {run.iteration}; "
+                                     f"--iters {cfg.iters} leaves nothing to do")
+    start = run.iteration
 
-    began, loss_value = time.perf_counter(), math.nan
-    for iteration in range(start + 1, cfg.iters + 1):
-        rng = np.random.default_rng([cfg.seed, iteration])
-        lr_batch, hr_batch = data.batch(rng, cfg.batch)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(iteration, cycle_start, cfg.iters, cfg.lr, cfg.lr_min)
-        loss = loss_fn(model(lr_batch), hr_batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            for target, source in zip(ema.parameters(), model.parameters()):
-                target.lerp_(source, 1.0 - cfg.ema_decay)
-        loss_value = loss.item()
-        entry = None
-        if val_pairs and (iteration % cfg.val_every == 0 or iteration == cfg.iters):
-            entry = {"iter": iteration, "loss": loss_value, "val_psnr_y": validate(ema, val_pairs, config.upscale),
-                     "wall_seconds": round(wall_before + time.perf_counter() - began, 1)}
-            history.append(entry)
-        if iteration % cfg.save_every == 0 or iteration == cfg.iters:
-            wall = wall_before + time.perf_counter() - began
-            _save(cfg.out, model, ema, optimizer, cycle_start, iteration, config, cfg, history, wall)
-        if progress:
-            progress(iteration, loss_value, entry)
-    seconds = time.perf_counter() - began
+    def save(wall: float) -> None:
+        with atomic_path(cfg.out) as temp:
+            torch.save(run.payload(config, asdict(cfg), wall), temp)
+
+    seconds, loss_value = fit(
+        run, data, lambda net, lr, hr: LOSSES[cfg.loss](net(lr), hr), iters=cfg.iters, batch=cfg.batch,
+        seed=cfg.seed, ema_decay=cfg.ema_decay, save=save, save_every=cfg.save_every,
+        validate_every=cfg.val_every, progress=progress,
+        validation=(lambda: {"val_psnr_y": validate(run.ema, val_pairs, config.upscale)}) if val_pairs else None)
     done = cfg.iters - start
-    return TrainResult(cfg.out, cfg.iters, seconds, done / seconds if seconds else 0.0, loss_value, history)
+    return TrainResult(cfg.out, cfg.iters, seconds, done / seconds if seconds else 0.0, loss_value, run.history)

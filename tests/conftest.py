@@ -1,4 +1,5 @@
-"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent."""
+"""Shared fixtures. Tests that need ../shared skip with a reason when it is absent, and fail instead when
+DIPNET_REQUIRE_SHARED=1 (what CI sets in .ci/run), so a missing data folder never passes quietly."""
 
 from __future__ import annotations
 
@@ -22,10 +23,37 @@ EVAL = SHARED / "data" / "eval"
 TRAIN = SHARED / "data" / "train"
 
 
+CALIBRATION = Path(__file__).resolve().parents[1] / "calibration"  # shipped with the project: never skipped
+
+
 def need(path: Path) -> Path:
+    """``path`` under ../shared, or skip; with DIPNET_REQUIRE_SHARED=1 (CI) a missing path fails instead."""
     if not path.exists():
-        pytest.skip(f"{path} is absent (../shared beside the project holds the data and weights)")
+        reason = f"{path} is absent (../shared beside the project holds the data and weights)"
+        if os.environ.get("DIPNET_REQUIRE_SHARED") == "1":
+            pytest.fail(f"DIPNET_REQUIRE_SHARED=1 but {reason}", pytrace=False)
+        pytest.skip(reason)
     return path
+
+
+def reference_score(sr: np.ndarray, hr: np.ndarray, crop: int) -> dict[str, float]:
+    """PSNR/SSIM on Y (BT.601 from scikit-image's rgb2ycbcr) and RGB, border crop, all from scikit-image.
+
+    Independent of ``dipnet_deploy.metrics``: the reference the project's ``score`` must reproduce.
+    """
+    from skimage.color import rgb2ycbcr
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    window = (slice(crop, -crop), slice(crop, -crop)) if crop else (slice(None), slice(None))
+    a, b = np.asarray(sr, np.float64)[window], np.asarray(hr, np.float64)[window]
+    ya, yb = rgb2ycbcr(a / 255.0)[..., 0], rgb2ycbcr(b / 255.0)[..., 0]
+    options = dict(data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+    return {
+        "psnr_y": peak_signal_noise_ratio(yb, ya, data_range=255),
+        "ssim_y": structural_similarity(ya, yb, **options),
+        "psnr_rgb": peak_signal_noise_ratio(b, a, data_range=255),
+        "ssim_rgb": structural_similarity(a, b, channel_axis=2, **options),
+    }
 
 
 @pytest.fixture

@@ -36,9 +36,10 @@ def test_x2_graph_is_clean_and_matches_the_unfolded_model(x2_training_checkpoint
     assert [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 48, 80]
     assert [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim] == [1, 3, 96, 160]
     unfolded = random_train_model(PRESETS["x2"].replace(expansion=40))  # same seed as the fixture
-    assert ort_vs_unfolded(result.onnx_path, unfolded, 48, 80) <= 1e-4
+    # computed here, not read from the card (export refuses above 1e-4, so its own figure cannot fail a test)
+    assert ort_vs_unfolded(result.onnx_path, unfolded, 48, 80) <= 1e-5  # measured ~2e-7
     card = json.loads(result.card_path.read_text())
-    assert card["params"] == 93_664 and card["training_form"] and card["fold_max_abs_diff"] <= 1e-5
+    assert card["params"] == 93_664 and card["training_form"]
 
 
 def test_x4_official_graph_and_parity(official_x4, tmp_path):
@@ -49,16 +50,16 @@ def test_x4_official_graph_and_parity(official_x4, tmp_path):
     assert summary["params"] == 243_252
     reference = DIPNet(PRESETS["x4-ntire"])
     reference.load_state_dict(torch.load(official_x4, weights_only=True))
-    assert ort_vs_unfolded(result.onnx_path, reference.eval(), 64, 96) <= 1e-4
+    assert ort_vs_unfolded(result.onnx_path, reference.eval(), 64, 96) <= 1e-5  # measured ~2e-7
 
 
 def test_size_facts_at_1080p():
     model = DIPNet(PRESETS["x2"])
-    macs = torch_conv_macs(model, 1080, 1920)
-    assert macs == 194_221_670_400
-    assert round(2 * macs / 1e9, 1) == 388.4
-    # The vendor table's "431.604 GFlops" is thop's MAC count x 2 / 0.9e9.
-    assert round(macs * 2 / 0.9e9, 3) == 431.604
+    # Hand count: conv_1 3->32, 12 rep convs (4 x [32->24, 24->24, 24->32]), 4 c5 1x1 32->32, conv_2 32->32,
+    # upsampler 32->12, all 3x3 but c5, per LR pixel; the vendor's "431.604 GFlops" is this x 2 / 0.9e9.
+    per_pixel = 9 * (3 * 32 + 4 * (32 * 24 + 24 * 24 + 24 * 32) + 32 * 32 + 32 * 12) + 4 * 32 * 32
+    assert torch_conv_macs(model, 1080, 1920) == per_pixel * 1080 * 1920 == 194_221_670_400
+    assert torch_conv_macs(model, 37, 53) == per_pixel * 37 * 53
 
 
 def test_cli_export_1080p_json_and_byte_identical(invoke, x2_training_checkpoint, tmp_path):
@@ -66,9 +67,8 @@ def test_cli_export_1080p_json_and_byte_identical(invoke, x2_training_checkpoint
     code, out, err = invoke("export", "--checkpoint", x2_training_checkpoint, "-o", first, "--json")
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["params"] == 93_664 and summary["macs"] == 194_221_670_400
+    assert summary["params"] == 93_664 and summary["macs"] == 194_221_670_400 and summary["gflops"] == 388.4
     assert summary["input_shape"] == [1, 3, 1080, 1920] and summary["output_shape"] == [1, 3, 2160, 3840]
-    assert summary["ort_max_abs_diff"] <= 1e-4 and summary["fold_max_abs_diff"] <= 1e-5
     code, _, err = invoke("export", "--checkpoint", x2_training_checkpoint, "-o", second, "--height", "1080")
     assert code == 0, err
     assert first.read_bytes() == second.read_bytes()

@@ -54,3 +54,15 @@ def test_seed_pre_and_post_processing(bgr):
     expected = cv2.resize(bgr, (60, 40), interpolation=cv2.INTER_LINEAR)[..., ::-1].transpose(2, 0, 1) / 255.0
     assert np.allclose(resized[0], expected, atol=1e-7)
     assert np.array_equal(seed_postprocess(np.full((1, 3, 2, 2), 0.5019608, np.float32))[0, 0], [128, 128, 128])
+
+
+def test_missing_shared_data_skips_or_fails_under_require_shared(tmp_path, monkeypatch):
+    from .conftest import need
+
+    monkeypatch.delenv("DIPNET_REQUIRE_SHARED", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent"):
+        need(tmp_path / "missing")
+    monkeypatch.setenv("DIPNET_REQUIRE_SHARED", "1")
+    with pytest.raises(pytest.fail.Exception, match="DIPNET_REQUIRE_SHARED=1"):
+        need(tmp_path / "missing")
+    assert need(tmp_path) == tmp_path

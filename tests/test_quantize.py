@@ -18,14 +18,16 @@ from dipnet_deploy.calibrate import (
     calibrate,
     channel_ranges,
     derived_ranges,
+    float_tensors,
+    values_model,
 )
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.metrics import psnr
 from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, quantize
 
-from .conftest import EVAL, TRAIN, need, random_train_model, whole_image_ranges
+from .conftest import CALIBRATION, EVAL, TRAIN, need, random_train_model, whole_image_ranges
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,19 @@ def x2_small(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory):
-    """Four photos of the training set (calibration may use them, evaluation may not)."""
-    need(TRAIN)
+    """Four of the shipped calibration photos (in the project: these tests never skip)."""
     directory = tmp_path_factory.mktemp("calib")
-    for name in sorted(p.name for p in TRAIN.iterdir())[::40][:4]:
-        shutil.copy(TRAIN / name, directory / name)
+    for path in list_images(CALIBRATION)[:4]:
+        shutil.copy(path, directory / path.name)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def train_calib_dir(tmp_path_factory):
+    """Four photos of ../shared's training set: the stock-parity thresholds below were measured on them."""
+    directory = tmp_path_factory.mktemp("train_calib")
+    for path in list_images(need(TRAIN))[::40][:4]:
+        shutil.copy(path, directory / path.name)
     return directory
 
 
@@ -121,9 +131,11 @@ def test_ranges_exact_when_blocked_layout_pads_channels(calib_dir, tmp_path):
     assert np.array_equal(low["positive"], want_low["positive"]) and np.array_equal(high["positive"], want_high["positive"])
 
 
-def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, calib_dir, tmp_path):
+def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, train_calib_dir, tmp_path):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
+
+    calib_dir = train_calib_dir
 
     files = sorted(calib_dir.iterdir())
 
@@ -173,14 +185,43 @@ def test_histogram_observers_on_a_known_distribution():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0, 1, 200_000), [40.0, -30.0]]).astype(np.float32)  # two outliers
     low, high = _observe(PercentileObserver(99.9), values)
-    assert low == pytest.approx(np.quantile(values, 0.001), abs=0.05)
-    assert high == pytest.approx(np.quantile(values, 0.999), abs=0.05)
+    bin_width = (40.0 + 30.0) / PercentileObserver().bins  # the histogram's resolution: the exact bound
+    assert low == pytest.approx(np.quantile(values, 0.001), abs=bin_width)
+    assert high == pytest.approx(np.quantile(values, 0.999), abs=bin_width)
     low, high = _observe(EntropyObserver(), values)  # KL clips the outliers, keeps the bulk
     assert -10 < low < -2.5 and 2.5 < high < 10
     # MSE: rounding error 200000 * (70 f / 255)^2 / 12 vs clipping (40 - 40 f)^2 + (30 - 30 f)^2
     # is minimal near f = 2500 / (2500 + 1256) = 0.666.
     low, high = _observe(MseObserver(), values)
     assert high == pytest.approx(40 * 0.666, abs=1.0) and low == pytest.approx(-30 * 0.666, abs=1.0)
+
+
+@pytest.mark.parametrize("percentile", [99.9, 99.999])
+def test_percentile_ranges_are_quantiles_of_the_whole_tensors(percentile, x2_small, calib_dir):
+    """Streamed histograms (pass 2, tensors grouped under a budget) against np.quantile over every value."""
+    model = onnx.load(str(x2_small))
+    files = sorted(calib_dir.iterdir())
+    got = calibrate(model, SeedInputs(files, 40, 56), PercentileObserver(percentile), budget_bytes=200_000).ranges
+    names = float_tensors(model)
+    session = ort.InferenceSession(values_model(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    values = {name: [] for name in names}
+    for path in files:
+        for name, value in zip(names, session.run(names, {"input": seed_preprocess(read_rgb8(path)[0], 40, 56)})):
+            values[name].append(value.ravel())
+    tail = 1 - percentile / 100
+    assert set(got) == set(names)
+    clipped = 0
+    for name in names:
+        every = np.concatenate(values[name]).astype(np.float64)
+        # the value below which `tail` of all values lie (no interpolation: in the tails, neighbouring values
+        # can be bins apart); the histogram's answer is the outer edge of the bin holding it
+        low, high = np.quantile(every, [tail, 1 - tail], method="inverted_cdf")
+        bin_width = (every.max() - every.min()) / PercentileObserver().bins
+        slack = 1e-6 * bin_width
+        assert low - bin_width - slack <= got[name][0] <= low + slack, (name, (got[name][0] - low) / bin_width)
+        assert high - slack <= got[name][1] <= high + bin_width + slack, (name, (got[name][1] - high) / bin_width)
+        clipped += got[name][1] < every.max() - bin_width
+    assert clipped > len(names) // 2  # the quantiles really clip (not the max range by accident)
 
 
 @pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
@@ -192,9 +233,11 @@ def test_histogram_methods_end_to_end(method, x2_small, calib_dir, tmp_path):
     assert any(r["max"] < reference[n]["max"] for n, r in ranges.items())
 
 
-def test_quality_floor_official_x4_against_stock(official_x4, calib_dir, tmp_path):
+def test_quality_floor_official_x4_against_stock(official_x4, train_calib_dir, tmp_path):
     """int8-vs-fp32 PSNR on Set5 against stock quantize_static's (MinMax, per channel, QDQ)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    calib_dir = train_calib_dir
 
     height, width = 96, 160
     fp32 = export(load_checkpoint(official_x4), tmp_path / "x4.onnx", ExportOptions(height, width)).onnx_path

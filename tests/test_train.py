@@ -9,7 +9,12 @@ import torch
 
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.cli import PACKAGED_WEIGHTS
+from dipnet_deploy.imageio import list_images, read_rgb8
+from dipnet_deploy.matlab_resize import imresize
+from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score
 from dipnet_deploy.train import TrainConfig, cosine_lr, train
+
+from .conftest import EVAL, need
 
 
 @pytest.fixture
@@ -35,10 +40,15 @@ def test_smoke_train_checkpoint_exports(photos, tmp_path, invoke):
                                "--patch", "16", "--expansion", "8", "--val-every", "3", "--out", out, "--json")
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["iters"] == 3 and summary["val_psnr_y"] > 0
+    assert summary["iters"] == 3
+    # the reported validation figure is the saved EMA weights' Y-PSNR on --val, recomputed here
+    ema = load_checkpoint(out).model
+    pairs = [make_pair(read_rgb8(path)[0], 2) for path in list_images(photos)]
+    expected = np.mean([score(run_torch_whole(ema, lr), hr, 2)["psnr_y"] for hr, lr in pairs])
+    assert summary["val_psnr_y"] == pytest.approx(expected, abs=1e-6)
     checkpoint = torch.load(out, weights_only=True)
     assert {"params", "params_ema", "iter", "config", "optimizer"} <= set(checkpoint)
-    code, _, err = invoke("export", "--checkpoint", out, "--height", "32", "--width", "32", "-o", tmp_path / "m.onnx")
+    code, _, err = invoke("export", "--checkpoint", out, "--height", "40", "--width", "40", "-o", tmp_path / "m.onnx")
     assert code == 0, err
     assert load_checkpoint(out).source == "params_ema"
 
@@ -57,8 +67,33 @@ def test_resume_continues_exactly(photos, tmp_path):
     a = torch.load(straight.out, weights_only=True)
     b = torch.load(resumed.out, weights_only=True)
     assert a["iter"] == b["iter"] == 4
-    for key in a["params"]:
-        assert torch.equal(a["params"][key], b["params"][key]), key
+    # everything a resumed run carries: weights, EMA weights, Adam's moments and step, the curve
+    for part in ("params", "params_ema"):
+        assert set(a[part]) == set(b[part])
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    assert not all(torch.equal(a["params"][k], a["params_ema"][k]) for k in a["params"])  # EMA is its own state
+    assert_same_state(a["optimizer"], b["optimizer"])
+    assert_same_state(a["schedule"], b["schedule"])
+    timeless = [[{k: v for k, v in entry.items() if k != "wall_seconds"} for entry in c["history"]] for c in (a, b)]
+    assert [entry["iter"] for entry in timeless[0]] == [2, 4] and timeless[0] == timeless[1]
+
+
+def assert_same_state(a, b, where="state"):
+    """Nested dicts/lists of tensors and numbers are equal, tensors bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
 
 
 def test_cosine_schedule_and_warm_restart(photos, tmp_path, invoke):
@@ -103,6 +138,31 @@ def test_bad_train_input(photos, tmp_path, invoke):
     (tmp_path / "afile").write_text("x")
     code, _, err = invoke("train", "--data", photos, "--out", tmp_path / "afile" / "c.pth")
     assert code == 2 and "cannot create" in err
+
+
+# README / ../shared/README: bicubic x2 Y-PSNR Set5 33.66 (this port: 33.682), Set14 30.33, BSD68 29.75
+BICUBIC_X2 = {"Set5": 33.682, "Set14": 30.33, "BSD68": 29.75}
+
+
+@pytest.mark.parametrize("dataset", ["Set5", "Set14", "BSD68"])
+def test_packaged_weights_reproduce_their_sidecar_figures(dataset):
+    """The shipped x2 weights give the Set5 / Set14 / BSD68 figures their sidecar (and README) state."""
+    import hashlib
+
+    sidecar = json.loads(PACKAGED_WEIGHTS.with_suffix(".json").read_text())
+    assert sidecar["sha256"] == hashlib.sha256(PACKAGED_WEIGHTS.read_bytes()).hexdigest()
+    model = load_checkpoint(PACKAGED_WEIGHTS).model
+    rows, bicubic = [], []
+    for path in list_images(need(EVAL / dataset)):
+        hr, lr = make_pair(read_rgb8(path)[0], 2)
+        rows.append(score(run_torch_whole(model, lr), hr, 2))
+        bicubic.append(score(imresize(lr, 2), hr, 2)["psnr_y"])
+    stated = sidecar["eval"][dataset]
+    assert stated["images"] == len(rows)
+    for key in ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb"):
+        # the sidecar rounds to 4 decimals (measured |difference| <= 4.8e-5): ten times that half-unit
+        assert np.mean([r[key] for r in rows]) == pytest.approx(stated[key], abs=5e-4), key
+    assert np.mean(bicubic) == pytest.approx(BICUBIC_X2[dataset], abs=0.005 if dataset != "Set5" else 0.002)
 
 
 @pytest.mark.skipif(not PACKAGED_WEIGHTS.is_file(), reason="no packaged default weights")

@@ -76,8 +76,9 @@ class TrainRRFB(nn.Module):
 
     def __init__(self, config: DIPNetConfig):
         super().__init__()
-        feat, mid, width = config.feature_channels, config.mid_channels, config.expansion
-        for name, cin, cout in (("c1_r", feat, mid), ("c2_r", mid, mid), ("c3_r", mid, feat)):
+        feat, mid = config.feature_channels, config.mid_channels
+        convs = (("c1_r", feat, mid), ("c2_r", mid, mid), ("c3_r", mid, feat))
+        for (name, cin, cout), width in zip(convs, config.expansion_widths()):
             self.add_module(name, nn.Conv2d(cin, width, 3, padding=1, bias=False))
             self.add_module(f"{name}_11_m", nn.Conv2d(width, cout, 1, bias=False))
             self.add_module(f"{name}_11_a", nn.Conv2d(cin, cout, 1, bias=False))

@@ -1,0 +1,195 @@
+"""Stage 1b: checkpoint -> quantization-aware fine-tuned checkpoint with learned activation ranges.
+
+The folded (deploy-form) model is trained through ``qat.QuantSimDIPNet``, the fake-quantized
+twin of the int8 QDQ graph ``quantize`` writes: int8 per-channel weights, uint8 activations
+whose ranges are parameters (initialised from max calibration on training patches, LSQ-style
+straight-through rounding). The trainer's data pipeline (MATLAB-bicubic LR pairs), cosine
+schedule, EMA, atomic and resumable checkpoints are reused (``train.fit``).
+
+The checkpoint is BasicSR-shaped: ``params``/``params_ema`` hold deploy-form weights that
+``export`` loads like any other, and ``quantization`` holds the ranges learned with them, keyed
+by the model's structure (``qat`` point names). ``export`` maps them onto the ONNX tensors and
+``quantize --method learned`` writes the int8 model from exactly those ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dipnet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_file
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import atomic_path, ensure_parent
+from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, observe_ranges
+from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
+from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
+
+TARGETS = ("gt", "teacher", "mix")
+
+
+@dataclass
+class FinetuneOptions:
+    """Settings of ``finetune``.
+
+    iters: total iterations (a resumed run continues up to this count).
+    batch: patches per iteration. patch: HR patch side in pixels (None: 32 x scale).
+    lr: peak Adam learning rate of the weights; range_lr: of the activation ranges (both decay
+        by cosine to lr_min_ratio x peak at ``iters``).
+    target: what the output is pulled towards: "gt" (the HR patch), "teacher" (the original
+        fp32 model's output: distillation), "mix" (the mean of both losses).
+    loss: "l1" or "mse" (``train.LOSSES``).
+    val: HR images for the validation drop (original fp32 Y-PSNR minus simulated int8's).
+    """
+
+    iters: int = 3000
+    batch: int = 32
+    patch: int | None = None
+    lr: float = 1e-4
+    range_lr: float = 1e-5
+    lr_min_ratio: float = 0.01
+    target: str = "teacher"
+    loss: str = "l1"
+    ema_decay: float = 0.999
+    val: Path | None = None
+    val_every: int = 500
+    save_every: int = 250
+    seed: int = 0
+    resume: Path | None = None
+    threads: int | None = None
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    iters: int
+    seconds: float
+    iters_per_second: float
+    last_loss: float
+    points: int  # learned activation ranges
+    history: list[dict] = field(default_factory=list)
+
+
+def check_options(options: FinetuneOptions, scale: int, esa: bool) -> int:
+    """Refuse settings that cannot train; return the HR patch side."""
+    if options.loss not in LOSSES:
+        raise InputError("--loss", f"unknown loss {options.loss!r} (choose from {', '.join(LOSSES)})")
+    if options.target not in TARGETS:
+        raise InputError("--target", f"unknown target {options.target!r} (choose from {', '.join(TARGETS)})")
+    for name in ("iters", "batch", "val_every", "save_every"):
+        if getattr(options, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')}", "must be positive")
+    for name in ("lr", "range_lr", "lr_min_ratio", "ema_decay"):
+        value = getattr(options, name)
+        if not (math.isfinite(value) and value > 0) or (name in ("lr_min_ratio", "ema_decay") and value >= 1):
+            raise InputError(f"--{name.replace('_', '-')}", f"{value} is not a usable value")
+    patch = options.patch or 32 * scale
+    if patch <= 0 or patch % scale:
+        raise InputError("--patch", f"{patch} is not a positive multiple of the scale {scale}")
+    if esa and patch // scale < ESA_MIN_SIZE:
+        raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px (--patch >= {ESA_MIN_SIZE * scale})")
+    return patch
+
+
+def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet) -> dict:
+    """The checkpoint's ``quantization`` entry: ranges of ``params_ema`` (and of ``params``)."""
+    as_lists = lambda ranges: {name: [low, high] for name, (low, high) in sorted(ranges.items())}  # noqa: E731
+    return {
+        "format": QAT_FORMAT,
+        "weights": "int8 symmetric per output channel",
+        "activations": "uint8 asymmetric",
+        "fixed": {name: list(bounds) for name, bounds in FIXED_POINTS.items()},
+        "ranges": as_lists(ema.ranges()),  # belongs to params_ema
+        "ranges_params": as_lists(sim.ranges()),  # belongs to params (for resuming)
+    }
+
+
+def _restore_ranges(sim: QuantSimDIPNet, ranges: dict, path: Path) -> None:
+    if not isinstance(ranges, dict) or sorted(ranges) != sim.names:
+        raise InputError(path, "its learned ranges do not match this model's quantization points")
+    with torch.no_grad():
+        sim.low.copy_(torch.tensor([float(ranges[n][0]) for n in sim.names]))
+        sim.high.copy_(torch.tensor([float(ranges[n][1]) for n in sim.names]))
+
+
+def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions = FinetuneOptions(),
+             progress: Callable | None = None, warn: Callable[[str], None] = print) -> FinetuneResult:
+    """Quantization-aware fine-tuning of ``checkpoint`` on HR images in ``data``; writes ``out``."""
+    loaded: LoadedCheckpoint = load_checkpoint(checkpoint)
+    config = loaded.config
+    patch = check_options(options, config.upscale, config.esa)
+    ensure_parent(out)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    saved = load_file(options.resume) if options.resume else None
+    if saved is not None and "quantization" not in saved:
+        raise InputError(options.resume, "not a finetune checkpoint (no learned ranges)")
+    patches = PairedPatches(data, config.upscale, patch, warn)
+    val_pairs = load_val_pairs(options.val, config.upscale, warn)
+
+    torch.manual_seed(options.seed)
+    teacher = loaded.model.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    # max calibration over the whole LR images (patches see narrower extremes: a worse start, measured)
+    images = [torch.from_numpy(to_input(lr)) for _, lr in patches.pairs]
+    sim = QuantSimDIPNet(copy.deepcopy(teacher).train(), observe_ranges(teacher, images))
+    for parameter in sim.model.parameters():
+        parameter.requires_grad_(True)
+    groups = [{"params": list(sim.model.parameters()), "lr": options.lr},
+              {"params": [sim.low, sim.high], "lr": options.range_lr}]
+    run = make_run(sim, groups, options.lr_min_ratio)
+    run.params_of = lambda module: module.model.state_dict()
+    run.load_params = lambda module, params: module.model.load_state_dict(params)
+    if saved is not None:
+        try:
+            run.restore(saved, restart=False)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise InputError(options.resume, f"cannot resume from it ({str(error).splitlines()[0][:120]})") from None
+        _restore_ranges(run.model, saved["quantization"].get("ranges_params"), options.resume)
+        _restore_ranges(run.ema, saved["quantization"].get("ranges"), options.resume)
+    if run.iteration >= options.iters:
+        raise InputError(options.resume, f"already at iteration {run.iteration}; --iters {options.iters} leaves nothing to do")
+    start = run.iteration
+
+    distance = LOSSES[options.loss]
+
+    def loss_of(net: QuantSimDIPNet, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        output = net(lr)
+        if options.target == "gt":
+            return distance(output, hr)
+        with torch.no_grad():
+            reference = teacher(lr)
+        if options.target == "teacher":
+            return distance(output, reference)
+        return 0.5 * (distance(output, hr) + distance(output, reference))
+
+    fp32_psnr = np.mean([score(run_torch_whole(teacher, lr), hr, config.upscale)["psnr_y"]
+                         for hr, lr in val_pairs]) if val_pairs else None
+
+    def validation() -> dict:
+        simulated = np.mean([score(run_torch_whole(run.ema, lr), hr, config.upscale)["psnr_y"] for hr, lr in val_pairs])
+        return {"val_psnr_y": float(simulated), "val_drop_db": float(fp32_psnr - simulated)}
+
+    if val_pairs and run.iteration == 0:  # where the fine-tune starts: max ranges, original weights
+        run.history.append({"iter": 0, **validation()})
+
+    def save(wall: float) -> None:
+        payload = run.payload(config, asdict(options) | {"checkpoint": str(checkpoint), "data": str(data)}, wall)
+        payload["quantization"] = learned_ranges_entry(run.model, run.ema)
+        payload["finetuned_from"] = {"path": str(checkpoint), "sha256": loaded.sha256, "entry": loaded.source}
+        with atomic_path(out) as temp:
+            torch.save(payload, temp)
+
+    seconds, loss_value = fit(run, patches, loss_of, iters=options.iters, batch=options.batch, seed=options.seed,
+                              ema_decay=options.ema_decay, save=save, save_every=options.save_every,
+                              validate_every=options.val_every, validation=validation if val_pairs else None,
+                              progress=progress)
+    done = options.iters - start
+    return FinetuneResult(out, options.iters, seconds, done / seconds if seconds else 0.0, loss_value,
+                          len(sim.names), run.history)

@@ -1,0 +1,96 @@
+"""One forward of a fixed-shape ONNX model, through onnxruntime or OpenVINO.
+
+Conventions: a session takes the model's one input as a float32 [1, 3, H, W] array and returns
+its first output as a float32 array the caller owns. ``threads`` is the number of CPU threads
+one forward may use (None: the runtime's default, all cores). OpenVINO is an optional extra
+(``pip install 'dipnet-deploy[openvino]'``); it reads the same ONNX file (QDQ int8 included)
+with its own API on the CPU, at fp32 inference precision (OpenVINO would otherwise run float
+parts in bf16 on CPUs that have it, which is not the model that was measured).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from dipnet_deploy.errors import InputError
+
+RUNTIMES = ("onnxruntime", "openvino")
+FULL_HD_PIXELS = 1920 * 1080  # latencies are reported per 1080p-equivalent frame: seconds x FULL_HD_PIXELS / (H x W)
+OPENVINO_INSTALL = "OpenVINO is not installed: pip install 'dipnet-deploy[openvino]' (or: pip install openvino)"
+
+
+class OrtSession:
+    """onnxruntime CPU session (default graph optimizations, sequential execution)."""
+
+    def __init__(self, model: str | Path, threads: int | None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: x})[0]
+
+
+class OpenVinoSession:
+    """OpenVINO CPU compiled model with one infer request (latency hint, fp32 precision)."""
+
+    def __init__(self, model: str | Path, threads: int | None):
+        ov = import_openvino()
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.request = core.compile_model(core.read_model(str(model)), "CPU", config).create_infer_request()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self.request.infer({0: x})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+def import_openvino():
+    """The ``openvino`` module, or InputError saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise InputError("--runtime openvino", OPENVINO_INSTALL) from None
+    return openvino
+
+
+def check_runtime(runtime: str) -> None:
+    """Refuse an unknown runtime, or OpenVINO when it is not installed, before any work."""
+    if runtime not in RUNTIMES:
+        raise InputError("--runtime", f"unknown runtime {runtime!r} (choose from {', '.join(RUNTIMES)})")
+    if runtime == "openvino":
+        import_openvino()
+
+
+def open_session(model: str | Path, runtime: str = "onnxruntime", threads: int | None = None):
+    """A session of ``runtime`` on the ONNX file ``model``."""
+    check_runtime(runtime)
+    return OrtSession(model, threads) if runtime == "onnxruntime" else OpenVinoSession(model, threads)
+
+
+def time_interleaved(forwards: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray,
+                     repeats: int) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` calls of each forward on ``x``, after one warm-up call each.
+
+    The calls are interleaved (one of each per round, in dict order), so drifts in the machine's
+    load hit every forward alike and ratios of medians stay fair on a shared host.
+    """
+    times: dict[str, list[float]] = {name: [] for name in forwards}
+    for forward in forwards.values():
+        forward(x)
+    for _ in range(repeats):
+        for name, forward in forwards.items():
+            began = time.perf_counter()
+            forward(x)
+            times[name].append(time.perf_counter() - began)
+    return times

@@ -1,0 +1,61 @@
+"""What a run may write: never over one of its inputs, never twice to the same file, never into a foreign folder.
+
+Conventions:
+- two paths are the same file when ``os.path.samefile`` says so (hard and symbolic links included)
+  or, when either does not exist yet, when their fully resolved paths are equal (a dangling link
+  counts as its target);
+- a folder is one of our reports when it holds a ``metrics.json`` whose ``schema`` starts with
+  ``METRICS_SCHEMA_PREFIX``; data listings skip such folders and ``compare`` only ever replaces
+  its own files in them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from dipnet_deploy.errors import InputError
+
+METRICS_SCHEMA_PREFIX = "dipnet-deploy-metrics/"
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name the same file (links followed); see the module conventions."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would land
+        return Path(a).resolve() == Path(b).resolve()
+
+
+def refuse_collisions(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse the first output that is the same file as an input or as an earlier output.
+
+    ``outputs`` and ``inputs`` are (role, path) pairs; the role names the option or the derived
+    file (e.g. ``--output``, ``model card``) so that the one-line error says which is which.
+    """
+    inputs = [(role, Path(path)) for role, path in inputs]
+    seen: list[tuple[str, Path]] = []
+    for role, path in outputs:
+        path = Path(path)
+        for other_role, other in inputs:
+            if same_file(path, other):
+                raise InputError(path, f"{role} is the same file as {other_role} {other}; refusing to overwrite an input")
+        for other_role, other in seen:
+            if same_file(path, other):
+                raise InputError(path, f"{role} and {other_role} are the same file; give them different names")
+        seen.append((role, path))
+
+
+def holds_our_report(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a ``metrics.json`` written by ``compare``."""
+    metrics = Path(directory) / "metrics.json"
+    if not metrics.is_file():
+        return False
+    try:
+        with open(metrics, "rb") as handle:
+            document = json.loads(handle.read(1 << 24))  # a report's metrics.json is small; never read a huge file
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX)

@@ -1,0 +1,199 @@
+"""Upscale images and videos with a fixed-shape SR ONNX model (the deployed model at work).
+
+Conventions:
+- every image and video frame goes through ``tiling.TiledRunner`` (the implementation
+  ``compare`` uses): exact tiles with a halo, so a local (no-ESA) model gives its whole-image
+  result; an image smaller than the model input is mirror-padded up to it (a band near its
+  right/bottom edge then differs slightly, as documented in ``tiling.py``); output rounded to uint8;
+- images are read as 8-bit RGB (``imageio.read_rgb8``: gray replicated, alpha dropped, 16-bit
+  reduced, each with a warning) and written as PNG: ``a/b.jpg`` -> ``OUT/a/b.png``;
+- videos (``VIDEO_SUFFIXES``) keep their name and container; every frame of the first video
+  stream is upscaled and encoded (H.264 by default, VP9 for WebM) with the input's timestamps,
+  frame rate and colour tags; audio streams are copied packet for packet; other streams
+  (subtitles, data) are not carried over;
+- a folder input is listed recursively (linked folders not entered) and its tree mirrored
+  directly under the output folder; a file input lands at the top of it;
+- nothing is ever written into an input folder or over an input file (refused before any work),
+  every output is written to a temporary name and renamed when complete, and an output that
+  already exists is left alone (skipped with a warning) unless ``overwrite``;
+- inputs that cannot be read are skipped with a warning naming them; when nothing at all could
+  be upscaled the run fails (InputError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from dipnet_deploy.compare import inspect_model
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import atomic_path, refuse_unwritable
+from dipnet_deploy.imageio import IMAGE_SUFFIXES, read_rgb8, to_uint8_rgb
+from dipnet_deploy.runtime import check_runtime
+from dipnet_deploy.safety import refuse_collisions, same_file
+from dipnet_deploy.sr_protocol import to_input
+from dipnet_deploy.tiling import TiledRunner
+from dipnet_deploy.video import VIDEO_SUFFIXES, count_frames, default_codec, transcode
+
+
+@dataclass
+class UpscaleOptions:
+    runtime: str = "onnxruntime"
+    threads: int | None = None  # CPU threads of one forward; None: all cores
+    codec: str | None = None  # video encoder; None: video.default_codec (H.264; VP9 for .webm)
+    crf: int = 18  # constant rate factor of the video encoder (lower: better and larger)
+    overwrite: bool = False
+
+
+@dataclass
+class Job:
+    source: Path
+    target: Path
+    video: bool
+
+
+@dataclass
+class UpscaleResult:
+    written: list[Path] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    images: int = 0
+    videos: int = 0
+    frames: int = 0
+    seconds: float = 0.0
+
+    def summary(self, output_dir: Path, runtime: str) -> dict:
+        return {"output": str(output_dir), "files": len(self.written), "images": self.images, "videos": self.videos,
+                "frames": self.frames, "skipped": len(self.skipped), "seconds": round(self.seconds, 3),
+                "frames_per_s": round(self.frames / self.seconds, 3) if self.seconds else 0.0, "runtime": runtime}
+
+
+def _media(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+
+
+def _job(source: Path, target: Path) -> Job:
+    video = source.suffix.lower() in VIDEO_SUFFIXES
+    return Job(source, target if video else target.with_suffix(".png"), video)
+
+
+def plan(inputs: list[Path], output_dir: Path, warn: Callable[[str], None] = print) -> list[Job]:
+    """Jobs for the inputs, in order; refuses (before any work) outputs into or over an input."""
+    if not inputs:
+        raise InputError("INPUT", "no input given (image files, videos or folders)")
+    output_dir = Path(output_dir)
+    jobs: list[Job] = []
+    folders = [Path(source) for source in inputs if Path(source).is_dir()]
+    for source in map(Path, inputs):
+        if source.is_dir():
+            if same_file(output_dir, source) or output_dir.resolve().is_relative_to(source.resolve()):
+                raise InputError(output_dir, f"is inside the input folder {source}; choose an output folder outside it")
+            for folder, _, names in sorted(os.walk(source)):
+                for name in sorted(names):
+                    path = Path(folder) / name
+                    if _media(path) and path.is_file():
+                        jobs.append(_job(path, output_dir / path.relative_to(source)))
+        elif source.is_file():
+            if not _media(source):
+                warn(f"warning: skipped {source}: not an image ({', '.join(IMAGE_SUFFIXES)}) "
+                     f"or a video ({', '.join(VIDEO_SUFFIXES)})")
+                continue
+            jobs.append(_job(source, output_dir / source.name))
+        else:
+            raise InputError(source, "no such file or folder")
+    for job in jobs:  # an input folder inside the output folder can still be in the way of the mirrored tree
+        inside = next((folder for folder in folders if job.target.resolve().is_relative_to(folder.resolve())), None)
+        if inside is not None:
+            raise InputError(job.target, f"output of {job.source} would be written into the input folder {inside}")
+    refuse_collisions([(f"output of {job.source}", job.target) for job in jobs],
+                      [("input", job.source) for job in jobs])
+    refuse_unwritable(output_dir, folder=True)
+    return jobs
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def upscale_rgb(runner: TiledRunner, rgb: np.ndarray) -> np.ndarray:
+    """HxWx3 uint8 RGB -> (rH)x(rW)x3 uint8 RGB through the tiled model, rounded."""
+    return np.ascontiguousarray(to_uint8_rgb(runner.run(to_input(rgb))[0]))
+
+
+def upscale_image(runner: TiledRunner, job: Job, warn: Callable[[str], None]) -> None:
+    rgb, notes = read_rgb8(job.source)
+    for note in notes:
+        warn(f"note: {job.source}: {note}")
+    ok, data = cv2.imencode(".png", cv2.cvtColor(upscale_rgb(runner, rgb), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise InputError(job.target, "could not encode the PNG")
+    with atomic_path(job.target) as temp:
+        data.tofile(str(temp))
+
+
+def upscale_video(runner: TiledRunner, job: Job, options: UpscaleOptions, tick: Callable[[], None]) -> int:
+    """Upscale every frame of ``job.source`` into ``job.target`` (``video.transcode``); the frame count."""
+    suffix = job.source.suffix
+    with atomic_path(job.target) as temp:
+        return transcode(job.source, temp, suffix, lambda rgb: upscale_rgb(runner, rgb),
+                         runner.scale, options.codec or default_codec(suffix), options.crf, tick)
+
+
+def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: UpscaleOptions = UpscaleOptions(),
+            progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None,
+            warn: Callable[[str], None] = print) -> UpscaleResult:
+    """Upscale ``inputs`` (images, videos, folders) into ``output_dir``; see the module conventions.
+
+    ``progress(total_frames)`` returns a function called once per image or video frame.
+    """
+    check_runtime(options.runtime)
+    inspect_model(Path(model_path), "model")
+    jobs = plan(inputs, output_dir, warn)
+    todo = []
+    result = UpscaleResult()
+    for job in jobs:
+        if job.target.exists() and not options.overwrite:
+            result.skipped.append(f"{job.target} exists")
+            warn(f"warning: skipped {job.source}: {job.target} exists (--overwrite replaces it)")
+        else:
+            todo.append(job)
+    if not todo:
+        if not jobs:
+            raise InputError("INPUT", "no images or videos found")
+        return result
+    runner = TiledRunner(str(model_path), options.threads, runtime=options.runtime)
+    tick = progress(sum(count_frames(job.source) if job.video else 1 for job in todo))
+    made = {folder for job in todo for folder in (job.target.parent, *job.target.parent.parents) if not folder.exists()}
+    began = time.perf_counter()
+    failures = []
+    try:
+        for job in todo:
+            try:
+                if job.video:
+                    result.frames += upscale_video(runner, job, options, tick)
+                    result.videos += 1
+                else:
+                    upscale_image(runner, job, warn)
+                    result.frames += 1
+                    result.images += 1
+                    tick()
+            except InputError as error:
+                failures.append(error)
+                result.skipped.append(str(error))
+                warn(f"warning: skipped {error}")
+                continue
+            result.written.append(job.target)
+    finally:
+        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # folders we made that stayed empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    result.seconds = time.perf_counter() - began
+    if not result.written and failures:
+        raise InputError(failures[-1].where, f"nothing upscaled ({len(failures)} input(s) unusable; last: "
+                                             f"{failures[-1].problem})")
+    return result

@@ -1,0 +1,63 @@
+"""bench (summary keys and their arithmetic, runtimes side by side) and compare through OpenVINO."""
+
+import json
+
+import pytest
+import torch
+
+from dipnet_deploy.checkpoint import load_checkpoint
+from dipnet_deploy.compare import CompareOptions, compare, means
+from dipnet_deploy.export import ExportOptions, export
+
+from .test_compare import hr_dir, x2_pair  # noqa: F401 (fixtures shared with the compare tests)
+
+
+@pytest.fixture(scope="module")
+def pair(x2_pair):  # noqa: F811
+    """fp32 + int8 x2 models (random weights, 64x96 input: ``test_compare``'s pair)."""
+    return x2_pair[0], x2_pair[1]
+
+
+def test_bench_json_keys_and_arithmetic(pair, invoke):
+    fp32, int8 = pair
+    code, out, err = invoke("bench", "--fp32", fp32, "--int8", int8, "--repeats", "2", "--streams", "2", "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["runtime"] == "onnxruntime" and summary["streams"] == 2
+    assert summary["fp32_s"] > 0 and summary["int8_s"] > 0
+    assert summary["speedup"] == pytest.approx(summary["fp32_s"] / summary["int8_s"], rel=2e-3)
+    entry = summary["runtimes"]["onnxruntime"]
+    assert entry["int8_vs_reference_fp32"] == pytest.approx(summary["int8_s"] / summary["fp32_s"], abs=1e-4)
+    assert entry["fp32_fps"] > 0 and entry["int8_fps"] > 0
+    code, out, _ = invoke("bench", "--fp32", fp32, "--int8", int8, "--repeats", "1", "--streams", "0", "--json")
+    assert code == 0 and "int8_fps" not in json.loads(out.strip().splitlines()[-1])["runtimes"]["onnxruntime"]
+
+
+def test_bench_refuses_mismatched_pair(x2_pair, tmp_path, invoke):  # noqa: F811
+    fp32, _, train_model = x2_pair
+    torch.save(train_model.state_dict(), tmp_path / "x2.pth")
+    other = export(load_checkpoint(tmp_path / "x2.pth"), tmp_path / "x.onnx", ExportOptions(40, 64)).onnx_path
+    code, _, err = invoke("bench", "--fp32", fp32, "--int8", other)
+    assert code == 2 and "does not match the fp32 model" in err and "Traceback" not in err
+
+
+def test_bench_runtimes_side_by_side(pair, invoke):
+    pytest.importorskip("openvino")
+    fp32, int8 = pair
+    code, out, err = invoke("bench", "--fp32", fp32, "--int8", int8, "--runtime", "onnxruntime", "--runtime", "openvino",
+                            "--repeats", "1", "--streams", "0", "--json")
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    openvino = summary["runtimes"]["openvino"]
+    assert openvino["int8_vs_reference_fp32"] == pytest.approx(openvino["int8_s"] / summary["fp32_s"], abs=1e-3)
+
+
+def test_compare_through_openvino_agrees_with_onnxruntime(pair, hr_dir):  # noqa: F811
+    pytest.importorskip("openvino")
+    fp32, int8 = pair
+    results = {runtime: compare(fp32, int8, hr_dir, CompareOptions(latency_repeats=1, runtime=runtime))
+               for runtime in ("onnxruntime", "openvino")}
+    assert results["openvino"].latency["runtime"] == "openvino"
+    a, b = (means(results[runtime].rows)["psnr_y"] for runtime in ("onnxruntime", "openvino"))
+    assert abs(a["fp32"] - b["fp32"]) < 0.01  # the same float function
+    assert abs(a["int8"] - b["int8"]) < 0.2  # the same QDQ model; integer kernels round differently

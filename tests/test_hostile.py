@@ -1,0 +1,481 @@
+"""Hostile and broken input: every refusal is one stderr line naming the file or option, exit 2, no traceback,
+no input changed and nothing written; bad files among good ones are skipped with a warning naming them.
+"""
+
+# ruff: noqa: F811  (the shared fixtures imported from test_safety are, by pytest's design, test parameters too)
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.imageio import read_rgb8
+
+from .test_safety import SIDE, models, refused, snapshot, work, write_images  # noqa: F401 (fixtures)
+
+# --------------------------------------------------------------------------- bad images among good ones
+
+
+def _tiny_images(directory: Path) -> list[str]:
+    """HR images too small to score at x2 (SSIM needs 11 px left after a 2 px border): their names."""
+    rng = np.random.default_rng(2)
+    names = []
+    for side in (4, 5, 8, 13, 15):
+        cv2.imwrite(str(directory / f"tiny{side}.png"), (rng.random((side, side, 3)) * 255).astype(np.uint8))
+        names.append(f"tiny{side}.png")
+    return names
+
+
+def test_compare_skips_tiny_images_by_name(work, invoke):
+    names = _tiny_images(work / "hr")
+    code, out, err = invoke("compare", work / "report", "--fp32", work / "m.onnx", "--int8", work / "m.int8.onnx",
+                            "--data", work / "hr", "--repeats", "1", "--json")
+    assert code == 0, err
+    assert "Traceback" not in err
+    for name in names:
+        assert any(name in line and "too small" in line for line in err.splitlines()), name
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 2
+
+
+def test_train_validation_skips_tiny_images(work, invoke):
+    write_images(work / "val", 1, (40, 40))
+    names = _tiny_images(work / "val")
+    code, _, err = invoke("train", "--data", work / "hr", "--val", work / "val", "--iters", "1", "--batch", "1",
+                          "--patch", "16", "--expansion", "8", "--out", work / "t.pth")
+    assert code == 0, err
+    for name in names:
+        assert any(name in line and "too small" in line for line in err.splitlines()), name
+
+
+@pytest.mark.parametrize("folder, command", [("calib", "quantize"), ("hr", "compare")])
+def test_unreadable_image_is_skipped_by_name(folder, command, work, invoke, monkeypatch):
+    victim = work / folder / "img0.png"
+    real_fromfile = np.fromfile
+
+    def denied(path, *args, **kwargs):  # what a non-root user gets for a chmod 000 file
+        if Path(path) == victim:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_fromfile(path, *args, **kwargs)
+
+    monkeypatch.setattr("dipnet_deploy.imageio.np.fromfile", denied)
+    if command == "quantize":
+        args = ["quantize", "--model", work / "m.onnx", "--calib", work / "calib", "-o", work / "q.int8.onnx"]
+    else:
+        args = ["compare", work / "report", "--fp32", work / "m.onnx", "--int8", work / "m.int8.onnx",
+                "--data", work / "hr", "--repeats", "1"]
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if "warning" in line and "img0.png" in line and "Permission denied" in line]
+
+
+def test_five_channel_tiff_is_one_clean_refusal(tmp_path, capfd):
+    import tifffile
+
+    path = tmp_path / "five.tif"
+    tifffile.imwrite(path, np.zeros((40, 40, 5), np.uint8), photometric="minisblack", planarconfig="contig")
+    with pytest.raises(InputError, match="not a readable image"):
+        read_rgb8(path)
+    assert capfd.readouterr().err == ""  # OpenCV's own multi-line complaint does not reach the user
+
+
+# --------------------------------------------------------------------------- malformed ranges files
+
+
+RANGES = {
+    "string min": (lambda d, n: d["tensors"][n[0]].update(min="0"), "min and max must be numbers"),
+    "tensors a list": (lambda d, n: d.update(tensors=[]), "'tensors'"),
+    "tensors empty": (lambda d, n: d.update(tensors={}), "no range for tensor"),
+    "missing tensor": (lambda d, n: d["tensors"].pop(n[3]), "no range for tensor"),
+    "entry without min": (lambda d, n: d["tensors"][n[0]].pop("min"), "min and max must be numbers"),
+    "entry a list": (lambda d, n: d["tensors"].update({n[0]: [0, 1]}), "min and max must be numbers"),
+    "no calibration_files": (lambda d, n: d.pop("calibration_files"), "'calibration_files'"),
+    "method null": (lambda d, n: d.update(method=None), "'method'"),
+    "NaN min": (lambda d, n: d["tensors"][n[0]].update(min=float("nan")), "not finite"),
+    "inf max": (lambda d, n: d["tensors"][n[2]].update(max=float("inf")), "not finite"),
+    "min > max": (lambda d, n: d["tensors"][n[2]].update(min=3.0, max=1.0), "min <= max"),
+    "zero-width input": (lambda d, n: d["tensors"][n[0]].update(min=0.5, max=0.5), "input range"),
+    "bool max": (lambda d, n: d["tensors"][n[1]].update(max=True), "min and max must be numbers"),
+    "not a dict": (lambda d, n: d.clear() or d.update(format="dipnet-deploy-ranges/1"), "ranges"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RANGES))
+def test_malformed_ranges_refused(case, work, invoke):
+    change, words = RANGES[case]
+    document = json.loads((work / "m.ranges.json").read_text())
+    change(document, list(document["tensors"]))
+    (work / "bad.ranges.json").write_text(json.dumps(document))
+    before = snapshot(work)
+    result = invoke("quantize", "--model", work / "m.onnx", "--ranges", work / "bad.ranges.json",
+                    "-o", work / "q.int8.onnx")
+    refused(result, "bad.ranges.json", before, work)
+    assert words in result[2]
+
+
+def test_nan_percentile_refused(work, invoke):
+    before = snapshot(work)
+    refused(invoke("quantize", "--model", work / "m.onnx", "--calib", work / "calib", "--method", "percentile",
+                   "--percentile", "nan", "-o", work / "q.int8.onnx"), "--percentile", before, work)
+
+
+def test_flat_calibration_refused(work, invoke):
+    (work / "black").mkdir()
+    for i in range(2):
+        cv2.imwrite(str(work / "black" / f"{i}.png"), np.zeros((48, 64, 3), np.uint8))
+    before = snapshot(work)
+    refused(invoke("quantize", "--model", work / "m.onnx", "--calib", work / "black", "-o", work / "q.int8.onnx"),
+            "flat images", before, work)
+
+
+# --------------------------------------------------------------------------- malformed checkpoints
+
+
+@pytest.fixture(scope="module")
+def resumable(models) -> Path:
+    """A 2-iteration training checkpoint of the x2 preset (E = 8) on the module's HR images."""
+    out = models["hr"].parent / "resume.pth"
+    if not out.exists():
+        from dipnet_deploy.train import TrainConfig, train
+
+        train(TrainConfig(data=models["hr"], out=out, expansion=8, iters=2, batch=1, patch=16, save_every=2),
+              warn=lambda _m: None)
+    return out
+
+
+RESUMES = {
+    "string iter": lambda c: c.update(iter="2"),
+    "bool iter": lambda c: c.update(iter=True),
+    "negative iter": lambda c: c.update(iter=-1),
+    "empty optimizer": lambda c: c.update(optimizer={}),
+    "string config": lambda c: c.update(config="x2"),
+    "no params_ema": lambda c: c.pop("params_ema"),
+    "schedule None": lambda c: c.update(schedule=None),
+    "string cycle_start": lambda c: c["schedule"].update(cycle_start="0"),
+    "history a string": lambda c: c.update(history="x"),
+    "NaN weights": lambda c: c["params"]["conv_1.weight"].fill_(float("nan")),
+    "string weight": lambda c: c["params_ema"].update({"conv_1.weight": "w"}),
+    "two param groups": lambda c: c["optimizer"]["param_groups"].append(dict(c["optimizer"]["param_groups"][0])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUMES))
+def test_malformed_resume_refused(case, resumable, work, invoke):
+    checkpoint = torch.load(resumable, weights_only=True)
+    RESUMES[case](checkpoint)
+    torch.save(checkpoint, work / "bad.pth")
+    before = snapshot(work)
+    refused(invoke("train", "--data", work / "hr", "--resume", work / "bad.pth", "--iters", "4", "--batch", "1",
+                   "--patch", "16", "--expansion", "8", "--out", work / "next.pth"), "bad.pth", before, work)
+
+
+CHECKPOINTS = {
+    "0-dim conv_1.weight": (lambda s: s.update({"conv_1.weight": torch.tensor(1.0)}), "4-D"),
+    "empty conv_1.weight": (lambda s: s.update({"conv_1.weight": torch.zeros(0, 3, 3, 3)}), "4-D"),
+    "training form without block_1.c1_r": (lambda s: s.pop("block_1.c1_r.weight"), "block_1.c1_r.weight"),
+    "NaN weight": (lambda s: s["block_2.c2_r.weight"].view(-1)[0].fill_(float("nan")), "NaN"),
+    "inf weight": (lambda s: s["conv_2.weight"].view(-1)[3].fill_(float("inf")), "inf"),
+    "string tensor": (lambda s: s.update({"conv_2.weight": "w"}), "conv_2.weight"),
+}
+
+
+@pytest.mark.parametrize("command", ["export", "info"])
+@pytest.mark.parametrize("case", sorted(CHECKPOINTS))
+def test_malformed_checkpoint_refused(case, command, work, invoke):
+    change, words = CHECKPOINTS[case]
+    state = {k: v.clone() for k, v in torch.load(work / "w.pth", weights_only=True).items()}
+    change(state)
+    torch.save(state, work / "bad.pth")
+    before = snapshot(work)
+    args = (["export", "--checkpoint", work / "bad.pth", "--height", SIDE, "--width", SIDE, "-o", work / "x.onnx"]
+            if command == "export" else ["info", work / "bad.pth"])
+    result = invoke(*args)
+    refused(result, "bad.pth", before, work)
+    assert words in result[2]
+
+
+# --------------------------------------------------------------------------- ONNX files that are not what they claim
+
+
+def _fp16_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
+def _no_initializer(model: onnx.ModelProto) -> onnx.ModelProto:
+    del model.graph.initializer[0]
+    return model
+
+
+def _classifier(_model: onnx.ModelProto) -> onnx.ModelProto:
+    weight = numpy_helper.from_array(np.zeros((10, 3, SIDE, SIDE), np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W"], ["c"]), helper.make_node("Flatten", ["c"], ["output"])], "cls",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, SIDE, SIDE])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 10])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _scale_one(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same graph with its output declared at the input's size (what a x1 'SR' model looks like)."""
+    for dim, size in zip(model.graph.output[0].type.tensor_type.shape.dim, [1, 3, SIDE, SIDE]):
+        dim.dim_value = size
+    return model
+
+
+ONNX_CASES = {
+    "fp16 input": (_fp16_input, "float16"),
+    "missing initializer": (_no_initializer, "conv_1.weight"),
+    "classifier": (_classifier, "not a super-resolution"),
+    "scale 1": (_scale_one, "scale 1"),
+}
+
+
+def _write_bad_onnx(case: str, work: Path) -> Path:
+    make, _ = ONNX_CASES[case]
+    path = work / "bad.onnx"
+    onnx.save(make(onnx.load(str(work / "m.onnx"))), str(path))
+    return path
+
+
+@pytest.mark.parametrize("role", ["--model", "--fp32", "--int8"])
+@pytest.mark.parametrize("case", sorted(ONNX_CASES))
+def test_bad_onnx_refused(case, role, work, invoke):
+    bad = _write_bad_onnx(case, work)
+    before = snapshot(work)
+    if role == "--model":
+        args = ["quantize", "--model", bad, "--calib", work / "calib", "-o", work / "q.int8.onnx"]
+    else:
+        paths = {"--fp32": work / "m.onnx", "--int8": work / "m.int8.onnx"} | {role: bad}
+        args = ["compare", work / "report", *[x for kv in paths.items() for x in kv], "--data", work / "hr"]
+    result = invoke(*args)
+    refused(result, "bad.onnx", before, work)
+    assert ONNX_CASES[case][1] in result[2]
+
+
+def test_missing_external_data_said_so(work, invoke):
+    model = onnx.load(str(work / "m.onnx"))
+    onnx.save(model, str(work / "ext.onnx"), save_as_external_data=True, location="ext.data", size_threshold=0)
+    (work / "ext.data").unlink()
+    before = snapshot(work)
+    result = invoke("info", work / "ext.onnx")
+    refused(result, "ext.onnx", before, work)
+    assert "external data" in result[2]
+
+
+def test_info_recognizes_onnx_without_suffix(work, invoke):
+    (work / "model").write_bytes((work / "m.onnx").read_bytes())
+    code, out, err = invoke("info", work / "model", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["kind"] == "onnx"
+
+
+@pytest.mark.parametrize("side", [16, 24, 32])
+def test_export_refuses_inputs_compare_cannot_tile(side, work, invoke):
+    before = snapshot(work)
+    refused(invoke("export", "--checkpoint", work / "w.pth", "--height", side, "--width", 64, "-o", work / "s.onnx"),
+            "--height/--width", before, work)
+
+
+# --------------------------------------------------------------------------- roles and interrupts
+
+
+@pytest.mark.parametrize("role, model", [("--fp32", "m.int8.onnx"), ("--int8", "m.onnx")])
+def test_model_in_the_wrong_role_refused(role, model, work, invoke):
+    paths = {"--fp32": work / "m.onnx", "--int8": work / "m.int8.onnx"} | {role: work / model}
+    before = snapshot(work)
+    refused(invoke("compare", work / "report", *[x for kv in paths.items() for x in kv], "--data", work / "hr"),
+            role, before, work)
+
+
+def test_report_location_checked_before_work(work, invoke):
+    (work / "afile").write_text("x")
+    before = snapshot(work)
+    refused(invoke("compare", work / "afile" / "report", "--fp32", work / "m.onnx", "--data", work / "hr"),
+            "afile", before, work)
+
+
+def test_ctrl_c_during_parallel_compare(work):
+    """SIGINT to the whole process group (what a terminal sends): one line, exit 130, workers gone, no report."""
+    write_images(work / "many", 100, (200, 240))  # long enough that SIGINT lands mid-run on a fast machine
+    command = [sys.executable, "-m", "dipnet_deploy", "compare", str(work / "report"), "--fp32", str(work / "m.onnx"),
+               "--int8", str(work / "m.int8.onnx"), "--data", str(work / "many"), "--workers", "2", "--repeats", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    time.sleep(8)
+    os.killpg(process.pid, signal.SIGINT)
+    began = time.perf_counter()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert time.perf_counter() - began < 20
+    lines = err.decode().strip().splitlines()
+    assert lines[-1] == "dipnet-deploy: interrupted" and "Traceback" not in err.decode()
+    assert not (work / "report").exists()
+    assert _group_gone(process.pid, within=5.0)  # no worker outlived the command
+
+
+def _group_gone(group: int, within: float) -> bool:
+    deadline = time.perf_counter() + within
+    while time.perf_counter() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+# --------------------------------------------------------------------------- numbers that must not reach an output
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_flat_image_is_skipped_and_json_is_strict(work, invoke):
+    cv2.imwrite(str(work / "hr" / "flat.png"), np.full((48, 64, 3), 128, np.uint8))
+    code, out, err = invoke("compare", work / "report", "--fp32", work / "m.onnx", "--int8", work / "m.int8.onnx",
+                            "--data", work / "hr", "--repeats", "1", "--json")
+    assert code == 0, err
+    assert any("flat.png" in line and "flat colour" in line for line in err.splitlines()), err
+    assert _strict_json(out.strip().splitlines()[-1])["images"] == 2
+    assert _strict_json((work / "report" / "metrics.json").read_text())["count"] == 2
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_non_finite_learning_rate_refused(value, work, invoke):
+    before = snapshot(work)
+    refused(invoke("train", "--data", work / "hr", "--lr", value, "--iters", "1", "--batch", "1", "--patch", "16",
+                   "--out", work / "t.pth"), "--lr", before, work)
+
+
+def test_json_writer_never_writes_nan_or_infinity():
+    from dipnet_deploy.fileio import json_text
+
+    text = json_text({"psnr": float("inf"), "rows": [{"ssim": float("nan")}, 1.5], "n": np.float64("-inf")}, None)
+    assert _strict_json(text) == {"psnr": None, "rows": [{"ssim": None}, 1.5], "n": None}
+
+
+# --------------------------------------------------------------------------- a valid checkpoint once refused
+
+
+def test_rep_convs_with_different_expansions_fold_and_export_exactly(tmp_path, invoke):
+    """E = out channels (c1_r 24, c2_r 24, c3_r 32): inferred per conv, folded and exported like any other."""
+    import onnxruntime as ort
+
+    from dipnet_deploy.checkpoint import load_checkpoint
+    from dipnet_deploy.config import PRESETS
+
+    from .conftest import random_train_model
+
+    reference = random_train_model(PRESETS["x2"].replace(expansion=(24, 24, 32)), std=0.05)
+    assert tuple(reference.state_dict()["block_1.c3_r.weight"].shape) == (32, 24, 3, 3)
+    torch.save({"params_ema": reference.state_dict()}, tmp_path / "e.pth")
+    loaded = load_checkpoint(tmp_path / "e.pth")
+    assert loaded.config.expansion == (24, 24, 32) and loaded.fold_max_abs_diff < 1e-5
+    code, _, err = invoke("export", "--checkpoint", tmp_path / "e.pth", "--height", SIDE, "--width", SIDE,
+                          "-o", tmp_path / "e.onnx")
+    assert code == 0, err
+    x = torch.rand(1, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(5))
+    session = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        unfolded = reference(x).numpy()
+    assert np.abs(session.run(None, {"input": x.numpy()})[0] - unfolded).max() < 1e-4
+    with pytest.raises(InputError, match="block_1.c3_r.weight"):  # an override must fit the file
+        load_checkpoint(tmp_path / "e.pth", expansion=24)
+
+
+# --------------------------------------------------------------------------- size bounds
+
+
+def _png_bomb(path: Path, side: int, bit_depth: int, colour_type: int, channels: int) -> Path:
+    """A valid all-zero PNG of side x side, compressed in a stream (a decompression bomb: tiny file, huge image)."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    row = b"\0" * (1 + side * channels * bit_depth // 8)  # filter byte + pixels
+    rows_per_block = max(1, (8 << 20) // len(row))
+    compressor, parts = zlib.compressobj(9), []
+    for start in range(0, side, rows_per_block):
+        parts.append(compressor.compress(row * min(rows_per_block, side - start)))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", side, side, bit_depth, colour_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_images(tmp_path_factory) -> dict[str, Path]:
+    """A 30000x30000 gray PNG (under 1 MB), a 12000x12000 16-bit RGBA PNG, and a 4 GiB sparse file named .png."""
+    folder = tmp_path_factory.mktemp("hostile")
+    sparse = folder / "sparse.png"
+    with open(sparse, "wb") as handle:
+        handle.seek((4 << 30) - 1)
+        handle.write(b"\0")
+    return {"gray bomb": _png_bomb(folder / "gray.png", 30000, 8, 0, 1),
+            "16-bit RGBA bomb": _png_bomb(folder / "rgba16.png", 12000, 16, 6, 4), "sparse 4 GiB": sparse}
+
+
+@pytest.mark.parametrize("case, words", [("gray bomb", "megapixels"), ("16-bit RGBA bomb", "megapixels"),
+                                         ("sparse 4 GiB", "MiB")])
+def test_oversized_image_alone_is_refused_from_its_header(case, words, hostile_images):
+    with pytest.raises(InputError, match=words) as refusal:
+        read_rgb8(hostile_images[case])
+    assert hostile_images[case].name in str(refusal.value) and "DIPNET_MAX_MEGAPIXELS" in str(refusal.value)
+
+
+def test_oversized_images_among_good_ones_are_skipped_in_bounded_memory(hostile_images, work):
+    for path in hostile_images.values():
+        os.symlink(path, work / "calib" / path.name)
+    command = [sys.executable, "-m", "dipnet_deploy", "quantize", "--model", str(work / "m.onnx"), "--calib",
+               str(work / "calib"), "-o", str(work / "q.int8.onnx")]
+    # a fresh parent, so that the peak is this command's alone (RUSAGE_CHILDREN keeps the largest child)
+    measure = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "print(done.stderr, file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", measure, *command], capture_output=True, text=True, timeout=600,
+                            env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    code, peak_kib = map(int, result.stdout.split())
+    assert code == 0, result.stderr
+    assert peak_kib < 1.5 * 2**20, f"peak {peak_kib / 2**20:.2f} GiB"
+    for path in hostile_images.values():
+        assert any(path.name in line and "warning: skipped" in line for line in result.stderr.splitlines())
+    assert "Traceback" not in result.stderr
+
+
+ABSURD = {
+    "export --height 100000": ["export", "--checkpoint", "{w}", "--height", "100000", "-o", "{out}"],
+    "export --upscale 100000": ["export", "--checkpoint", "{w}", "--upscale", "100000", "-o", "{out}"],
+    "export --feature-channels 30000": ["export", "--checkpoint", "{w}", "--feature-channels", "30000", "-o", "{out}"],
+    "export --mid-channels 100000": ["export", "--checkpoint", "{w}", "--mid-channels", "100000", "-o", "{out}"],
+    "train --expansion 100000000": ["train", "--data", "{hr}", "--expansion", "100000000", "--out", "{out}"],
+    "train --batch 100000000": ["train", "--data", "{hr}", "--batch", "100000000", "--out", "{out}"],
+    "info --height 1e9": ["info", "{w}", "--height", "1e9"],
+    "info --height --width 1000000000": ["info", "{w}", "--height", "1000000000", "--width", "1000000000"],
+    "--max-megapixels nan": ["--max-megapixels", "nan", "info", "{w}"],
+    "--max-megapixels -1": ["--max-megapixels", "-1", "info", "{w}"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(ABSURD))
+def test_absurd_sizes_refused_before_allocating(case, work, invoke):
+    option = next(word for word in case.split() if word.startswith("--"))
+    args = [a.format(w=work / "w.pth", hr=work / "hr", out=work / "out.bin") for a in ABSURD[case]]
+    before = snapshot(work)
+    refused(invoke(*args), option, before, work)

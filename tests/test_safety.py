@@ -1,0 +1,281 @@
+"""Data safety: nothing of the user's is ever overwritten or deleted, and outputs appear as a set or not at all.
+
+Each refusal is checked the same way (``refused``): exit code 2, exactly one stderr line naming the
+file or option, no traceback, no input changed and nothing new left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from dipnet_deploy.checkpoint import load_checkpoint
+from dipnet_deploy.config import PRESETS
+from dipnet_deploy.export import ExportOptions, export
+from dipnet_deploy.imageio import list_images
+from dipnet_deploy.quantize import QuantizeOptions, quantize
+from dipnet_deploy.report import REPORT_FILES
+
+from .conftest import random_train_model
+
+SIDE = 40  # model input side: small, and above twice the halo (16 px) so compare can tile it
+
+
+def write_images(directory: Path, count: int, size: tuple[int, int] = (48, 64), seed: int = 0) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = directory / f"img{i}.png"
+        cv2.imwrite(str(path), cv2.GaussianBlur((rng.random((*size, 3)) * 255).astype(np.uint8), (5, 5), 2))
+        paths.append(path)
+    return paths
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (links not followed) -> sha256 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def refused(result: tuple[int, str, str], names: str, before: dict, root: Path) -> None:
+    """Exit 2, one stderr line naming ``names`` (progress bars aside), no traceback, ``root`` exactly as ``before``."""
+    code, _, err = result
+    lines = [line for line in err.strip().splitlines() if "%|" not in line]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("dipnet-deploy: error: "), err
+    assert "Traceback" not in err
+    assert names in lines[0], lines[0]
+    assert snapshot(root) == before
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny x2 checkpoint, its fp32 and int8 ONNX (32x32 input), calibration and HR folders."""
+    work = tmp_path_factory.mktemp("safety")
+    checkpoint = work / "w.pth"
+    torch.save(random_train_model(PRESETS["x2"].replace(expansion=8), std=0.05).state_dict(), checkpoint)
+    fp32 = export(load_checkpoint(checkpoint), work / "m.onnx", ExportOptions(SIDE, SIDE)).onnx_path
+    write_images(work / "calib", 2)
+    int8 = quantize(fp32, work / "m.int8.onnx", work / "calib", options=QuantizeOptions(equalize=False)).int8_path
+    write_images(work / "hr", 2, (40, 56), seed=1)
+    return {"checkpoint": checkpoint, "fp32": fp32, "int8": int8, "calib": work / "calib", "hr": work / "hr"}
+
+
+@pytest.fixture
+def work(models, tmp_path) -> Path:
+    """A private copy of the models and folders (tests may try to damage them); w.json is the checkpoint too."""
+    for name in ("w.pth", "m.onnx", "m.json", "m.int8.onnx", "m.int8.json", "m.ranges.json"):
+        (tmp_path / name).write_bytes((models["fp32"].parent / name).read_bytes())
+    (tmp_path / "w.json").write_bytes((tmp_path / "w.pth").read_bytes())
+    for folder in ("calib", "hr"):
+        (tmp_path / folder).mkdir()
+        for path in models[folder].iterdir():
+            (tmp_path / folder / path.name).write_bytes(path.read_bytes())
+    return tmp_path
+
+
+def compare_args(work: Path, report: Path | str, data: Path | None = None) -> list[str]:
+    return ["compare", str(report), "--fp32", str(work / "m.onnx"), "--int8", str(work / "m.int8.onnx"),
+            "--data", str(data or work / "hr"), "--repeats", "1"]
+
+
+# --------------------------------------------------------------------------- compare's report folder
+
+
+def test_report_refuses_a_foreign_folder(work, invoke):
+    notes = work / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    (notes / "index.html").write_text("my page")
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, notes)), str(notes), before, work)
+
+
+def test_report_into_the_current_folder_refused(work, invoke, monkeypatch):
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, ".")), ".", before, work)
+
+
+def test_report_into_the_data_folder_refused(work, invoke):
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, work / "hr", work / "hr")), str(work / "hr"), before, work)
+
+
+def test_report_file_that_is_an_input_refused(work, invoke):
+    report = work / "report"
+    assert invoke(*compare_args(work, report))[0] == 0
+    (report / "index.html").write_bytes((work / "m.onnx").read_bytes())  # the user keeps a model there
+    before = snapshot(work)
+    args = compare_args(work, report)
+    args[args.index("--fp32") + 1] = str(report / "index.html")
+    refused(invoke(*args), "index.html", before, work)
+
+
+def test_report_update_replaces_only_our_files(work, invoke):
+    report = work / "report"
+    code, _, err = invoke(*compare_args(work, report))
+    assert code == 0, err
+    assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
+    (report / "notes.txt").write_text("keep me")
+    (report / "extra").mkdir()
+    (report / "extra" / "model.onnx").write_bytes(b"keep me too")
+    first = snapshot(report)
+    code, _, err = invoke(*compare_args(work, report))
+    assert code == 0, err
+    second = snapshot(report)
+    assert second["notes.txt"] == first["notes.txt"] and second["extra/model.onnx"] == first["extra/model.onnx"]
+    assert sorted(second) == sorted(first)  # no staging folder or temporary file left
+    assert json.loads((report / "metrics.json").read_text())["count"] == 2
+
+
+@pytest.mark.parametrize("state", ["missing", "empty"])
+def test_report_into_a_new_or_empty_folder(state, work, invoke):
+    report = work / "deep" / "report"
+    if state == "empty":
+        report.mkdir(parents=True)
+    code, _, err = invoke(*compare_args(work, report))
+    assert code == 0, err
+    assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
+
+
+@pytest.mark.parametrize("state", ["missing", "previous report"])
+def test_failed_report_leaves_the_folder_as_it_was(state, work, invoke, monkeypatch):
+    report = work / "report"
+    if state == "previous report":
+        assert invoke(*compare_args(work, report))[0] == 0
+    before = snapshot(work)
+
+    def broken(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("dipnet_deploy.report._heatmap", broken)
+    assert invoke(*compare_args(work, report))[0] != 0
+    assert snapshot(work) == before
+    assert report.exists() == (state == "previous report")
+    if report.exists():
+        assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
+
+
+# --------------------------------------------------------------------------- data listings skip our reports
+
+
+def test_report_inside_data_is_not_read_back(work, invoke):
+    report = work / "hr" / "report"
+    assert invoke(*compare_args(work, report))[0] == 0
+    assert [p.name for p in list_images(work / "hr")] == ["img0.png", "img1.png"]
+    code, out, err = invoke(*compare_args(work, report), "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 2
+
+
+def test_report_folder_given_as_data_refused(work, invoke):
+    report = work / "report"
+    assert invoke(*compare_args(work, report))[0] == 0
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, work / "other", report)), str(report), before, work)
+
+
+def test_foreign_metrics_json_is_data(tmp_path):
+    write_images(tmp_path / "shots", 1)
+    (tmp_path / "shots" / "metrics.json").write_text('{"schema": "someone-else/1"}')
+    assert [p.name for p in list_images(tmp_path)] == ["img0.png"]
+
+
+# --------------------------------------------------------------------------- outputs that are inputs
+
+
+def _link(work: Path, name: str, target: str, hard: bool = False) -> str:
+    (os.link if hard else os.symlink)(work / target, work / name)
+    return str(work / name)
+
+
+# (case id, argv builder, text the error line must contain); paths are relative to the test's folder
+COLLISIONS = [
+    ("export output is the checkpoint",
+     lambda w: ["export", "--checkpoint", w / "w.pth", "--output", w / "w.pth"], "w.pth"),
+    ("export output ends in .json (card = output)",
+     lambda w: ["export", "--checkpoint", w / "w.pth", "--output", w / "new.json"], "new.json"),
+    ("export card is the checkpoint",
+     lambda w: ["export", "--checkpoint", w / "w.json", "--output", w / "w.onnx"], "w.json"),
+    ("export output is a link to the checkpoint",
+     lambda w: ["export", "--checkpoint", w / "w.pth", "--output", _link(w, "l.onnx", "w.pth")], "l.onnx"),
+    ("export output is a hard link to the checkpoint",
+     lambda w: ["export", "--checkpoint", w / "w.pth", "--output", _link(w, "h.onnx", "w.pth", hard=True)], "h.onnx"),
+    ("export output through ../ is the checkpoint",
+     lambda w: ["export", "--checkpoint", w / "w.pth", "--output", w / "hr" / ".." / "w.pth"], "w.pth"),
+    ("quantize output is the model",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--calib", w / "calib", "--output", w / "m.onnx"], "--output"),
+    ("quantize ranges is the model",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--calib", w / "calib", "--ranges", w / "m.onnx",
+                "--output", w / "q.onnx"], "--ranges"),
+    ("quantize ranges is the output",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--calib", w / "calib", "--ranges", w / "x.onnx",
+                "--output", w / "x.onnx"], "x.onnx"),
+    ("quantize card is the fp32 card",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--calib", w / "calib", "--output", w / "m.int8"], "m.json"),
+    ("quantize output is a calibration image",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--calib", w / "calib", "--output", w / "calib" / "img0.png"],
+     "img0.png"),
+    ("quantize output is the reused ranges",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--ranges", w / "m.ranges.json", "--output",
+                w / "m.ranges.json"], "m.ranges.json"),
+    ("quantize output is a link to the model",
+     lambda w: ["quantize", "--model", w / "m.onnx", "--calib", w / "calib", "--output",
+                _link(w, "q.int8.onnx", "m.onnx")], "q.int8.onnx"),
+    ("train out is a data image",
+     lambda w: ["train", "--data", w / "hr", "--out", w / "hr" / "img1.png", "--iters", "1"], "img1.png"),
+    ("train out is a validation image",
+     lambda w: ["train", "--data", w / "calib", "--val", w / "hr", "--out", w / "hr" / "img0.png", "--iters", "1",
+                "--patch", "32"], "img0.png"),
+]
+
+
+@pytest.mark.parametrize("build, names", [c[1:] for c in COLLISIONS], ids=[c[0] for c in COLLISIONS])
+def test_output_that_is_an_input_is_refused(build, names, work, invoke):
+    args = build(work)
+    before = snapshot(work)
+    refused(invoke(*args), names, before, work)
+
+
+# --------------------------------------------------------------------------- a run's files appear together
+
+
+def test_failed_quantize_writes_none_of_its_files(work, invoke, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    before = snapshot(work)
+    monkeypatch.setattr("dipnet_deploy.quantize.quantized_conv_report", broken)  # after int8 and ranges are made
+    assert invoke("quantize", "--model", work / "m.onnx", "--calib", work / "calib", "--output",
+                  work / "n.int8.onnx")[0] != 0
+    assert snapshot(work) == before
+
+
+def test_failed_export_writes_neither_model_nor_card(work, invoke, monkeypatch):
+    def broken(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    before = snapshot(work)
+    monkeypatch.setattr("dipnet_deploy.export.json_bytes", broken)  # after the ONNX temp is written
+    assert invoke("export", "--checkpoint", work / "w.pth", "--output", work / "n.onnx", "--height", SIDE,
+                  "--width", SIDE)[0] != 0
+    assert snapshot(work) == before
+
+
+def test_quantize_set_is_consistent(work, invoke):
+    code, _, err = invoke("quantize", "--model", work / "m.onnx", "--calib", work / "calib", "--output",
+                          work / "n.int8.onnx", "--no-equalize")
+    assert code == 0, err
+    card = json.loads((work / "n.int8.json").read_text())
+    assert card["onnx_sha256"] == hashlib.sha256((work / "n.int8.onnx").read_bytes()).hexdigest()
+    assert card["ranges_sha256"] == hashlib.sha256((work / "n.ranges.json").read_bytes()).hexdigest()
+    assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
