@@ -26,7 +26,9 @@ import torch
 from dipnet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_file
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
+from dipnet_deploy.imageio import list_images
 from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, observe_ranges
+from dipnet_deploy.safety import refuse_collisions
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
 
@@ -123,6 +125,10 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     loaded: LoadedCheckpoint = load_checkpoint(checkpoint)
     config = loaded.config
     patch = check_options(options, config.upscale, config.esa)
+    # --out may be --resume (a run continues its own checkpoint), never what the run reads
+    images = list_images(data) + (list_images(options.val) if options.val is not None else [])
+    refuse_collisions([("--out", out)], [("--checkpoint", Path(checkpoint))] +
+                      [("a --data/--val image", path) for path in images])
     ensure_parent(out)
     if options.threads:
         torch.set_num_threads(options.threads)

@@ -259,6 +259,11 @@ def test_learned_without_ranges_and_diverging_loss_are_one_line(tmp_path, calib_
     kept = torch.load(out_path, weights_only=True)  # the last good checkpoint
     assert kept["iter"] == 2 and all(torch.isfinite(t).all() for t in kept["params"].values())
 
+    image = sorted(calib_images.iterdir())[0]
+    before = image.read_bytes()
+    code, _, err = invoke("finetune", "--data", calib_images, "--iters", 2, "--out", image)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(image) in err and image.read_bytes() == before
+
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _, err = invoke("finetune", "--data", empty, "--iters", 2, "--out", tmp_path / "x.pth")
