@@ -8,6 +8,7 @@ fp32 ONNX:
   - NNCF `nncf.quantize` (ONNX backend, MIXED preset, fast bias correction), when installed
     (`pip install -e '.[bench]'`)
   - ours `--method max` (the default: max ranges + activation equalization)
+  - ours `--method auto` (post-training: max + equalization refined for the output; its time printed)
   - ours fine-tuned: `finetune` checkpoint -> export -> `quantize --method learned`
 The fine-tune itself runs separately (its wall time and it/s are printed by `finetune --json`):
     dipnet-deploy finetune --data ../shared/data/train --out runs/ft_x2.pth --json
@@ -21,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -80,6 +82,13 @@ def nncf_int8(fp32: Path, calib: Path, output: Path, height: int, width: int) ->
     return output
 
 
+def auto_int8(fp32: Path, calib: Path, output: Path) -> Path:
+    began = time.perf_counter()
+    result = quantize(fp32, output, calib, None, QuantizeOptions(method="auto"), warn=lambda m: None)
+    print(f"--method auto: {time.perf_counter() - began:.1f} s for {result.summary['images_used']} images", flush=True)
+    return result.int8_path
+
+
 def score(original: Path, int8: Path) -> dict:
     """Mean Y-PSNR of the original fp32 and of ``int8`` per evaluation set (sr protocol)."""
     figures = {}
@@ -110,6 +119,7 @@ def main() -> None:
             "NNCF 3.4 (MIXED, fast bias correction)": nncf_int8(original, calib, work / "nncf.onnx", height, width),
             "ours --method max (default, equalized)": quantize(original, work / "max.onnx", calib, None,
                                                                QuantizeOptions(), warn=quiet).int8_path,
+            "ours --method auto (post-training, output-aware ranges)": auto_int8(original, calib, work / "auto.onnx"),
             "ours finetune + --method learned": quantize(tuned, work / "learned.onnx", None, None,
                                                          QuantizeOptions(method="learned", equalize=False),
                                                          warn=quiet).int8_path,

@@ -17,7 +17,7 @@ from dipnet_deploy.fileio import json_text
 from dipnet_deploy.runtime import RUNTIMES
 
 PACKAGED_WEIGHTS = Path(__file__).parent / "weights" / "dipnet_x2.pth"
-QUANTIZE_METHODS = ["max", "percentile", "entropy", "mse", "learned"]  # quantize.METHODS, without importing onnx here
+QUANTIZE_METHODS = ["max", "percentile", "entropy", "mse", "auto", "learned"]  # quantize.METHODS, without importing onnx here
 FINETUNE_TARGETS = ["gt", "teacher", "mix"]  # finetune.TARGETS
 
 
@@ -249,8 +249,11 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 @click.option("--patch", type=click.IntRange(2), help="HR patch side in pixels. Default: 32 x scale.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Peak Adam learning rate of the weights (cosine decay to 1% at --iters).")
-@click.option("--range-lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+@click.option("--range-lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True,
               help="Peak Adam learning rate of the activation ranges.")
+@click.option("--equalize/--no-equalize", default=True, show_default=True,
+              help="Start from the activation-equalized weights (the same float function; each channel fills "
+                   "more of its uint8 range), as `quantize` does by default.")
 @click.option("--target", type=click.Choice(FINETUNE_TARGETS), default="teacher", show_default=True,
               help="teacher: the original fp32 model's output (distillation: the int8 model learns to be the "
                    "fp32 one); gt: the HR patch; mix: the mean of both losses.")
@@ -266,10 +269,12 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 @click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this finetune checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the batches.")
 @click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Torch device to train on, e.g. cuda (the checkpoint is the same either way).")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
 @user_errors
-def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, target, loss, val, val_every, save_every, out, resume,
-             seed, threads, as_json):
+def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, target, loss, val, val_every, save_every, out,
+             resume, seed, threads, device, as_json):
     """Quantization-aware fine-tuning: weights and int8 activation ranges learned together.
 
     The folded model is trained through a fake-quantized twin of the int8 QDQ graph that
@@ -284,8 +289,8 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, target, loss, 
     from dipnet_deploy.finetune import finetune as run_finetune
 
     options = FinetuneOptions(iters=iters, batch=batch, patch=patch, lr=lr, range_lr=range_lr, target=target, loss=loss,
-                              val=val,
-                              val_every=val_every, save_every=save_every, seed=seed, resume=resume, threads=threads)
+                              val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
+                              threads=threads, equalize=equalize, device=device)
     progress = IterationBar(iters, "finetune", "val_drop_db")
     try:
         result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress,
@@ -323,7 +328,9 @@ def _progress_bar(iterable, desc: str):
 @click.option("--method", type=click.Choice(QUANTIZE_METHODS), default="max",
               show_default=True,
               help="max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
-                   "(TensorRT-style); mse: range minimizing uint8 quantization MSE; learned: the ranges "
+                   "(TensorRT-style); mse: range minimizing uint8 quantization MSE; auto: max + equalization, "
+                   "the output conv on the exact 1/255 grid, every other range refined for the model's output "
+                   "through a fake-quantized twin (minutes; DIPNet ONNX from `export`); learned: the ranges "
                    "`finetune` learned, carried by the exported ONNX (no calibration, no equalization).")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.999, show_default=True,
               help="Kept percentile for --method percentile.")
@@ -394,9 +401,13 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
               help="Timed forwards per model for the latency (median).")
 @runtime_option
+@click.option("--diagnose", is_flag=True,
+              help="Also diagnose where int8 loses: per quantized activation, its SQNR and the PSNR-Y regained "
+                   "with only that tensor in float (one more pass over the data per tensor; metrics.json "
+                   "int8_diagnosis, a Diagnosis section in the report).")
 @click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as one JSON line, last.")
 @user_errors
-def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, runtime, as_json):
+def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, runtime, diagnose, as_json):
     """Measure what int8 costs: PSNR/SSIM of fp32, int8 and bicubic against HR, and latency.
 
     Writes REPORT_DIR (default: report/) with metrics.json, report.md and a self-contained
@@ -413,10 +424,11 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
         raise InputError(data, "not a directory")
     int8_path = int8_path or default_int8_for(fp32_path)
     check_report_dir(report_dir, [("--fp32", fp32_path)] + ([("--int8", int8_path)] if int8_path else []))
-    options = CompareOptions(protocol, limit, workers, repeats, runtime)
+    options = CompareOptions(protocol, limit, workers, repeats, runtime, diagnose)
     comparison = run_compare(fp32_path, int8_path, data, options,
                              progress=lambda it, n: tqdm(it, total=n, desc="compare", unit="img", file=sys.stderr),
-                             warn=warn)
+                             warn=warn, diagnose_progress=lambda it, n: tqdm(it, total=n, desc="diagnose",
+                                                                             unit="tensor", file=sys.stderr))
     document = write_report(comparison, report_dir)
     mean = document["mean"]
     for name in ("bicubic", "fp32", "int8"):
@@ -436,6 +448,10 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
             summary |= {"latency_fp32_s": round(latency["fp32"]["per_1080p_frame_s"], 4),
                         "latency_int8_s": round(latency["int8"]["per_1080p_frame_s"], 4),
                         "speedup_int8": round(latency["speedup_int8"], 3)}
+        if "int8_diagnosis" in document:
+            top = document["int8_diagnosis"][0]
+            summary |= {"diagnosed_tensors": len(document["int8_diagnosis"]), "costliest_tensor": top["tensor"],
+                        "costliest_gain_db": round(top["psnr_y_gain_db"], 4)}
         emit_json(summary)
 
 

@@ -11,6 +11,7 @@ Protocols:
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -43,6 +44,7 @@ class CompareOptions:
     workers: int = 1
     latency_repeats: int = 5
     runtime: str = "onnxruntime"  # one of runtime.RUNTIMES: what runs both models
+    diagnose: bool = False  # per quantized activation: SQNR and the PSNR-Y regained in float (diagnose.py)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Comparison:
     protocol: str = "sr"
     receptive_field: dict = field(default_factory=dict)
     int8_origin: dict | None = None  # from the int8 model card: its method and the fp32 ONNX it was made from
+    diagnosis: list[dict] | None = None  # diagnose.diagnose: one entry per quantized activation
 
 
 def inspect_model(path: Path, role: str) -> ModelInfo:
@@ -196,9 +199,12 @@ def default_int8_for(fp32_path: Path) -> Path | None:
 
 def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: CompareOptions = CompareOptions(),
             progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it,
-            warn: Callable[[str], None] = print) -> Comparison:
+            warn: Callable[[str], None] = print,
+            diagnose_progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it) -> Comparison:
     if options.protocol not in PROTOCOLS:
         raise InputError("--protocol", f"unknown protocol {options.protocol!r}")
+    if options.diagnose and not int8_path:
+        raise InputError("--diagnose", "needs an int8 model (--int8)")
     check_runtime(options.runtime)
     fp32 = inspect_model(Path(fp32_path), "fp32")
     int8 = inspect_model(Path(int8_path), "int8") if int8_path else None
@@ -244,6 +250,12 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     comparison.receptive_field = {"radius": field_.radius, "local": field_.local,
                                   "halo": next(iter(runners.values())).halo}
     comparison.latency = measure_latency(runners, options.latency_repeats)
+    if options.diagnose:
+        from dipnet_deploy.diagnose import diagnose
+
+        evaluate = functools.partial(evaluate_image, protocol=options.protocol, scale=fp32.scale)
+        comparison.diagnosis = diagnose(int8.path, comparison.rows, options.protocol, fp32.scale,
+                                        evaluate, options.runtime, diagnose_progress)
     return comparison
 
 

@@ -21,18 +21,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
+from dipnet_deploy.archs.dipnet_arch import DIPNet
+from dipnet_deploy.calibrate import channel_ranges, tensor_shapes
 from dipnet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_file
+from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_onnx
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images
-from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, observe_ranges
+from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, model_from_onnx, observe_ranges
 from dipnet_deploy.safety import refuse_collisions
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
 
 TARGETS = ("gt", "teacher", "mix")
+EQUALIZATION_IMAGES = 16  # evenly spaced training images measure the equalization factors
 
 
 @dataclass
@@ -47,13 +53,16 @@ class FinetuneOptions:
         fp32 model's output: distillation), "mix" (the mean of both losses).
     loss: "l1" or "mse" (``train.LOSSES``).
     val: HR images for the validation drop (original fp32 Y-PSNR minus simulated int8's).
+    equalize: start from the activation-equalized model (``equalize``; the same function in
+        float, each channel spanning more of its uint8 range) rather than the checkpoint's weights.
+    device: where the models and batches live; the checkpoint is written with CPU tensors.
     """
 
     iters: int = 3000
     batch: int = 32
     patch: int | None = None
     lr: float = 1e-4
-    range_lr: float = 1e-5
+    range_lr: float = 1e-3
     lr_min_ratio: float = 0.01
     target: str = "teacher"
     loss: str = "l1"
@@ -64,6 +73,8 @@ class FinetuneOptions:
     seed: int = 0
     resume: Path | None = None
     threads: int | None = None
+    equalize: bool = True
+    device: str = "cpu"  # a torch device ("cuda", "cuda:1", "mps"): where the fine-tune runs
 
 
 @dataclass
@@ -95,7 +106,28 @@ def check_options(options: FinetuneOptions, scale: int, esa: bool) -> int:
         raise InputError("--patch", f"{patch} is not a positive multiple of the scale {scale}")
     if esa and patch // scale < ESA_MIN_SIZE:
         raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px (--patch >= {ESA_MIN_SIZE * scale})")
+    try:
+        device = torch.device(options.device)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise InputError("--device", f"{options.device!r} is not usable here ({str(error).splitlines()[0][:100]})") from None
     return patch
+
+
+def equalized_start(model: DIPNet, images: list[np.ndarray]) -> DIPNet:
+    """``model`` with activation equalization from per-channel ranges over ``images``.
+
+    ``images``: [1, 3, h, w] float32 inputs of any size. The graph is traced with free height and
+    width and measured by onnxruntime, as ``quantize`` measures it; the weights of the equalized
+    graph come back as a DIPNet (``qat.model_from_onnx``), equal in float to ``model``.
+    """
+    traced = trace_to_onnx(model, ExportOptions().opset)
+    # channel counts of every tensor, Resize's included (data propagation resolves its computed size)
+    pinned = fix_shape(copy.deepcopy(traced), TRACE_SIZE, TRACE_SIZE, model.config.upscale, simplify=False)
+    shapes = tensor_shapes(onnx.shape_inference.infer_shapes(pinned, data_prop=True))
+    low, high = channel_ranges(traced, images, shapes=shapes)
+    spaces = channel_spaces(traced)
+    return model_from_onnx(apply_equalization(traced, spaces, equalization_scales(traced, spaces, low, high)))
 
 
 def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet) -> dict:
@@ -139,18 +171,23 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     val_pairs = load_val_pairs(options.val, config.upscale, warn)
 
     torch.manual_seed(options.seed)
-    teacher = loaded.model.eval()
+    teacher = loaded.model.eval().to(options.device)
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     # max calibration over the whole LR images (patches see narrower extremes: a worse start, measured)
-    images = [torch.from_numpy(to_input(lr)) for _, lr in patches.pairs]
-    sim = QuantSimDIPNet(copy.deepcopy(teacher).train(), observe_ranges(teacher, images))
+    images = [to_input(lr) for _, lr in patches.pairs]
+    initial = copy.deepcopy(loaded.model).cpu()
+    if options.equalize and saved is None:  # a resumed run restores its own weights
+        initial = equalized_start(initial, images[:: max(1, len(images) // EQUALIZATION_IMAGES)])
+    initial = initial.to(options.device)
+    sim = QuantSimDIPNet(initial.train(), observe_ranges(initial, [torch.from_numpy(image) for image in images]))
+    sim = sim.to(options.device)
     for parameter in sim.model.parameters():
         parameter.requires_grad_(True)
     groups = [{"params": list(sim.model.parameters()), "lr": options.lr},
               {"params": [sim.low, sim.high], "lr": options.range_lr}]
     run = make_run(sim, groups, options.lr_min_ratio)
-    run.params_of = lambda module: module.model.state_dict()
+    run.params_of = lambda module: {key: value.cpu() for key, value in module.model.state_dict().items()}
     run.load_params = lambda module, params: module.model.load_state_dict(params)
     if saved is not None:
         try:
@@ -195,7 +232,7 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     seconds, loss_value = fit(run, patches, loss_of, iters=options.iters, batch=options.batch, seed=options.seed,
                               ema_decay=options.ema_decay, save=save, save_every=options.save_every,
                               validate_every=options.val_every, validation=validation if val_pairs else None,
-                              progress=progress)
+                              progress=progress, device=options.device)
     done = options.iters - start
     return FinetuneResult(out, options.iters, seconds, done / seconds if seconds else 0.0, loss_value,
                           len(sim.names), run.history)

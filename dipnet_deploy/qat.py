@@ -153,14 +153,14 @@ class QuantSimDIPNet(nn.Module):
                 self.observed[name] = (min(low, float(value.detach().min())), max(high, float(value.detach().max())))
             return Point(value, name)
         if owner in self.fixed:
-            low, high = (torch.tensor(v) for v in self.fixed[owner])
+            low, high = (torch.tensor(v, device=value.device) for v in self.fixed[owner])
         else:
             i = self.index[owner]
             low, high = self.low[i], self.high[i]
         return Point(fake_quant_activation(value, low, high), name)
 
     def conv(self, name: str, module: nn.Conv2d, x: Point) -> Point:
-        weight = fake_quant_weight(module.weight)
+        weight = module.weight if self.observed is not None else fake_quant_weight(module.weight)
         return self.quant(name, F.conv2d(x.value, weight, module.bias, module.stride, module.padding))
 
     def unary(self, op: str, function: Callable[[torch.Tensor], torch.Tensor], x: Point) -> Point:
@@ -211,8 +211,9 @@ def observe_ranges(model: DIPNet, batches: list[torch.Tensor]) -> dict[str, tupl
     """
     walker = QuantSimDIPNet(model, {})
     walker.observed = {}
+    device = next(model.parameters()).device
     for batch in batches:
-        walker(batch)
+        walker(batch.to(device))
     return dict(walker.observed)
 
 

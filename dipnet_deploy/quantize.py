@@ -27,12 +27,14 @@ from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sh
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.model_stats import onnx_summary
-from dipnet_deploy.qat import read_attached_ranges, simulation_agreement, tensor_ranges
+from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
+from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
 from dipnet_deploy.safety import refuse_collisions
 
 RANGES_FORMAT = "dipnet-deploy-ranges/1"
 LEARNED = "learned"  # --method: the ranges `finetune` learned, carried in the fp32 ONNX
-METHODS = (*OBSERVERS, LEARNED)
+AUTO = "auto"  # --method: max + equalization, refined for the model's output (ptq.py)
+METHODS = (*OBSERVERS, AUTO, LEARNED)
 MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
 
 
@@ -44,6 +46,7 @@ class QuantizeOptions:
     symmetric_activations: bool = False
     limit: int | None = None
     equalize: bool = True
+    auto: AutoOptions = field(default_factory=AutoOptions)  # --method auto
 
 
 @dataclass
@@ -135,11 +138,28 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     files, skipped = select_images(calib_dir, options.limit, warn)
     height, width = shape[2], shape[3]
 
-    observer = make_observer(options.method, options.percentile)
-    calibration = calibrate(model, SeedInputs(files, height, width), observer, progress,
+    auto = options.method == AUTO
+    if auto and (options.symmetric_activations or not options.per_channel or not options.equalize):
+        raise InputError("--method auto", "refines the ranges of per-channel int8 weights, uint8 activations and an "
+                                          "equalized model: drop --per-tensor, --symmetric-activations, --no-equalize")
+    if auto:
+        try:  # before any calibration: the refinement needs the DIPNet behind the graph
+            model_from_onnx(model)
+        except (InputError, KeyError, RuntimeError):
+            raise InputError(model_path, "--method auto needs a DIPNet ONNX written by `dipnet-deploy export` "
+                                         "(its weights keep the module names); use --method max") from None
+    observer = make_observer("max" if auto else options.method, options.percentile)
+    inputs = SeedInputs(files, height, width)
+    calibration = calibrate(model, inputs, observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
-    document = ranges_header(model_path, shape, options.method, observer.parameters()) | {
+    parameters = observer.parameters()
+    if auto:
+        equalized = apply_equalization(model, channel_spaces(model), calibration.scales)
+        calibration.ranges |= refine_ranges(equalized, calibration.ranges, np.concatenate(list(inputs)),
+                                            options.auto, progress)
+        parameters = auto_parameters(options.auto)
+    document = ranges_header(model_path, shape, options.method, parameters) | {
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
         "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
         "skipped": skipped,

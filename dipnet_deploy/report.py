@@ -36,6 +36,8 @@ from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, holds_our_report, refuse
 
 COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
 CROP = 96  # HR pixels of the side-by-side crops
+DIAGNOSIS_SHOWN = 40  # tensors in the diagnosis chart (the table lists all)
+DIAGNOSIS_HEAD = ("tensor", "producer", "PSNR-Y gain in float (dB)", "SQNR (dB)", "int8 range")
 
 
 def metrics_document(comparison: Comparison) -> dict:
@@ -55,6 +57,8 @@ def metrics_document(comparison: Comparison) -> dict:
         "latency": comparison.latency,
         "skipped": comparison.skipped,
     }
+    if comparison.diagnosis is not None:
+        document["int8_diagnosis"] = comparison.diagnosis
     if "int8" in comparison.models:
         document["mean_int8_vs_fp32"] = {
             "psnr_rgb": float(np.mean([r["int8_vs_fp32"]["psnr_rgb"] for r in rows])),
@@ -83,6 +87,27 @@ def _psnr_chart(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _diagnosis_chart(diagnosis: list[dict], path: Path) -> None:
+    """Horizontal bars: PSNR-Y regained by leaving each tensor in float, largest on top."""
+    shown = diagnosis[:DIAGNOSIS_SHOWN]
+    fig, ax = plt.subplots(figsize=(8, 0.28 * len(shown) + 1.2), dpi=110)
+    y = np.arange(len(shown))[::-1]
+    ax.barh(y, [d["psnr_y_gain_db"] for d in shown], color=COLOURS["int8"])
+    ax.set_yticks(y, [f"{d['tensor']} ({d['producer']})" for d in shown], fontsize=7)
+    ax.set_xlabel("PSNR-Y regained with only this tensor in float (dB)")
+    ax.set_title("Where int8 loses: each quantized activation")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _diagnosis_rows(document: dict) -> list[list[str]]:
+    return [[d["tensor"], d["producer"], f"{d['psnr_y_gain_db']:+.3f}",
+             "exact" if d["sqnr_db"] is None else f"{d['sqnr_db']:.1f}", f"[{d['range'][0]:.3g}, {d['range'][1]:.3g}]"]
+            for d in document["int8_diagnosis"]]
 
 
 def _crop_box(diff: np.ndarray) -> tuple[int, int]:
@@ -272,7 +297,15 @@ def _markdown(document: dict, caption: str, heat_label: str) -> str:
                      f"| {Path(row['image']).name} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | | |")
     lines += ["", f"## {caption}", "", "![crops](worst_crops.png)", "", f"Error heatmap: {heat_label}", "",
               "![heatmap](error_heatmap.png)", ""]
+    if "int8_diagnosis" in document:
+        lines += ["## Diagnosis", "", DIAGNOSIS_TEXT, "", "| " + " | ".join(DIAGNOSIS_HEAD) + " |",
+                  "|---|---|---|---|---|", *["| " + " | ".join(row) + " |" for row in _diagnosis_rows(document)], ""]
     return "\n".join(lines)
+
+
+DIAGNOSIS_TEXT = ("Each quantized activation: the PSNR-Y the int8 model regains when only that tensor stays in "
+                  "float (its QuantizeLinear/DequantizeLinear pair removed), and its SQNR against the fp32 model's "
+                  "tensor over the first tile of each image. Largest gain first.")
 
 
 def _embed(path: Path) -> str:
@@ -304,6 +337,13 @@ def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
     models = "".join(f"<li>{n}: <code>{e(m['path'])}</code> ({'x'.join(map(str, m['input_shape']))}, "
                      f"sha256 {m['sha256'][:12]}…)</li>" for n, m in document["models"].items())
     latency = "".join(f"<li>{e(line)}</li>" for line in _latency_lines(document))
+    diagnosis = ""
+    if "int8_diagnosis" in document:
+        _diagnosis_chart(document["int8_diagnosis"], folder / "diagnosis.png")
+        cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _diagnosis_rows(document))
+        diagnosis = (f"<h2>Diagnosis</h2><p class=muted>{e(DIAGNOSIS_TEXT)}</p>"
+                     f"<img alt=\"diagnosis\" src=\"{_embed(folder / 'diagnosis.png')}\">"
+                     f"<table><tr>{''.join(f'<th>{h}</th>' for h in DIAGNOSIS_HEAD)}</tr>{cells}</table>")
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>dipnet-deploy report</title>
 <style>
@@ -324,6 +364,7 @@ img{{max-width:100%}} code{{font-size:.9em}} .muted{{color:#666;font-size:.9em}}
 <h2>{e(caption)}</h2><img alt="crops" src="{_embed(folder / 'worst_crops.png')}">
 <h2>Error heatmap</h2><p class=muted>{e(heat_label)}</p>
 <img alt="error heatmap" src="{_embed(folder / 'error_heatmap.png')}">
+{diagnosis}
 <h2>Models</h2><ul>{models}</ul>
 <p class=muted>Made by {e(document['tool'])}. Numbers: <code>metrics.json</code>.</p>
 </body></html>

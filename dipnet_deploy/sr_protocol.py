@@ -41,8 +41,9 @@ def to_input(rgb: np.ndarray) -> np.ndarray:
 
 def run_torch_whole(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
     """Whole-image PyTorch forward of a uint8 RGB LR; returns the rounded uint8 SR."""
+    device = next(model.parameters()).device
     with torch.no_grad():
-        output = model(torch.from_numpy(to_input(lr))).numpy()
+        output = model(torch.from_numpy(to_input(lr)).to(device)).cpu().numpy()
     return to_uint8_rgb(output)
 
 

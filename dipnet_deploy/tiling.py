@@ -15,6 +15,7 @@ reports these deviations instead of hiding them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,22 +105,31 @@ class TiledRunner:
     def forward(self, tile: np.ndarray) -> np.ndarray:
         return self.session.run(tile)
 
+    def tiles(self, lr: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(top, left, [1, 3, H, W] model input) of each tile of a [1, 3, h, w] float32 input, row by row.
+
+        Inputs smaller than the model's are mirror-padded.
+        """
+        _, _, height, width = lr.shape
+        padded = np.pad(lr, ((0, 0), (0, 0), (0, max(0, self.tile_h - height)), (0, max(0, self.tile_w - width))),
+                        mode="symmetric")
+        for top in tile_starts(height, self.tile_h, self.halo):
+            for left in tile_starts(width, self.tile_w, self.halo):
+                yield top, left, np.ascontiguousarray(padded[:, :, top:top + self.tile_h, left:left + self.tile_w])
+
     def run(self, lr: np.ndarray) -> tuple[np.ndarray, int]:
         """[1, 3, h, w] float32 -> ([1, 3, h*r, w*r] float32, number of tiles)."""
         _, channels, height, width = lr.shape
         if (height, width) == (self.tile_h, self.tile_w):  # one tile, no padding (a 1080p video frame): no copies
             return self.forward(np.ascontiguousarray(lr, dtype=np.float32)), 1
-        padded = np.pad(lr, ((0, 0), (0, 0), (0, max(0, self.tile_h - height)), (0, max(0, self.tile_w - width))),
-                        mode="symmetric")
         r = self.scale
         out = np.zeros((1, channels, height * r, width * r), dtype=np.float32)
-        rows = tile_starts(height, self.tile_h, self.halo)
-        cols = tile_starts(width, self.tile_w, self.halo)
-        for top in rows:
+        count = 0
+        for top, left, tile in self.tiles(lr):
             y0, y1 = core(top, self.tile_h, height, self.halo)
-            for left in cols:
-                x0, x1 = core(left, self.tile_w, width, self.halo)
-                result = self.forward(np.ascontiguousarray(padded[:, :, top:top + self.tile_h, left:left + self.tile_w]))
-                out[:, :, y0 * r:y1 * r, x0 * r:x1 * r] = \
-                    result[:, :, (y0 - top) * r:(y1 - top) * r, (x0 - left) * r:(x1 - left) * r]
-        return out, len(rows) * len(cols)
+            x0, x1 = core(left, self.tile_w, width, self.halo)
+            result = self.forward(tile)
+            out[:, :, y0 * r:y1 * r, x0 * r:x1 * r] = \
+                result[:, :, (y0 - top) * r:(y1 - top) * r, (x0 - left) * r:(x1 - left) * r]
+            count += 1
+        return out, count

@@ -230,20 +230,20 @@ def make_run(model: torch.nn.Module, groups: list[dict], floor_ratio: float) -> 
 def fit(run: Run, data: PairedPatches, loss_of: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
         *, iters: int, batch: int, seed: int, ema_decay: float, save: Callable[[float], None], save_every: int,
         validate_every: int = 0, validation: Callable[[], dict] | None = None,
-        progress: Callable | None = None) -> tuple[float, float]:
+        progress: Callable | None = None, device: str | torch.device = "cpu") -> tuple[float, float]:
     """Run iterations ``run.iteration + 1 .. iters``; returns (seconds, last loss).
 
     Batches of iteration i come from ``(seed, i)`` alone, so a resumed run draws what an
     uninterrupted one would. ``save(wall_seconds)`` writes the checkpoint every ``save_every``
     iterations and at the end; ``validation()`` returns a history entry every
     ``validate_every``. A non-finite loss stops the run before the step, keeping the last
-    checkpoint written.
+    checkpoint written. Batches go to ``device``, where the models must be.
     """
     began, loss_value = time.perf_counter(), math.nan
     while run.iteration < iters:
         iteration = run.iteration + 1
         rng = np.random.default_rng([seed, iteration])
-        lr_batch, hr_batch = data.batch(rng, batch)
+        lr_batch, hr_batch = (tensor.to(device) for tensor in data.batch(rng, batch))
         for group in run.optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, run.cycle_start, iters, group["peak_lr"], group["floor_lr"])
         loss = loss_of(run.model, lr_batch, hr_batch)

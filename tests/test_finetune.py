@@ -287,3 +287,37 @@ def test_damaged_learned_ranges_are_refused(damage, message, finetuned, tmp_path
     code, _, err = invoke("export", "--checkpoint", path, "--height", 40, "--width", 48, "-o", tmp_path / "d.onnx")
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err and str(path) in err, err
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_equalized_start_is_the_same_function_with_the_same_tensor_ranges(calib_images):
+    """Equalization rescales channels (weights change) yet keeps the float output and every
+    quantized tensor's [min, max] on the images it was measured on: only channel widths grow."""
+    from dipnet_deploy.finetune import equalized_start
+    from dipnet_deploy.qat import observe_ranges
+    from dipnet_deploy.sr_protocol import make_pair, to_input
+
+    model = load_checkpoint(PACKAGED_WEIGHTS).model
+    images = [to_input(make_pair(read_rgb8(path)[0], 2)[1][:96, :128]) for path in list_images(calib_images)[:2]]
+    equalized = equalized_start(model, images)
+    changed = [name for name, value in equalized.state_dict().items() if not torch.equal(value, model.state_dict()[name])]
+    assert len(changed) >= 8  # conv weights on both sides of the rescaled channels
+    with torch.no_grad():
+        x = torch.from_numpy(images[0])
+        assert (equalized(x) - model(x)).abs().max() < 1e-5
+    before = observe_ranges(model, [torch.from_numpy(i) for i in images])
+    after = observe_ranges(equalized, [torch.from_numpy(i) for i in images])
+    assert after.keys() == before.keys()
+    for name, (low, high) in before.items():
+        assert after[name] == (pytest.approx(low, rel=1e-4, abs=1e-5), pytest.approx(high, rel=1e-4, abs=1e-5)), name
+
+
+def test_finetune_command_defaults_are_the_api_defaults(invoke):
+    """`dipnet-deploy finetune` without options runs exactly `FinetuneOptions()`."""
+    from dipnet_deploy.cli import finetune as command
+    from dipnet_deploy.finetune import FinetuneOptions
+
+    defaults = FinetuneOptions()
+    for parameter in command.params:
+        if parameter.name in ("iters", "batch", "lr", "range_lr", "equalize", "target", "loss",
+                              "val_every", "save_every", "seed", "device"):
+            assert parameter.default == getattr(defaults, parameter.name), parameter.name
