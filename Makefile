@@ -55,7 +55,7 @@ mutants: install
 	$(PY) -m pip install --quiet "mutmut==3.8.1"
 	rm -rf $(MUTATION) && mkdir -p $(MUTATION)
 	tar --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./report --exclude=./runs \
-		--exclude=./training --exclude='*.egg-info' -cf - . | tar -xf - -C $(MUTATION)
+		--exclude=./training --exclude=./scratch --exclude='*.egg-info' -cf - . | tar -xf - -C $(MUTATION)
 	cd $(MUTATION) && DIPNET_SHARED=$(abspath $(SHARED)) $(abspath $(VENV))/bin/mutmut run --max-children 2 || true
 	cd $(MUTATION) && $(abspath $(VENV))/bin/mutmut export-cicd-stats && cat mutants/mutmut-cicd-stats.json
 	cd $(MUTATION) && $(abspath $(VENV))/bin/mutmut results

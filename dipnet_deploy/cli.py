@@ -21,8 +21,13 @@ QUANTIZE_METHODS = ["max", "percentile", "entropy", "mse", "auto", "learned"]  #
 FINETUNE_TARGETS = ["gt", "teacher", "mix"]  # finetune.TARGETS
 
 
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a file name, say) written as escapes: always one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def fail(message: str) -> None:
-    click.echo(f"dipnet-deploy: error: {message}", err=True)
+    click.echo(f"dipnet-deploy: error: {one_line(message)}", err=True)
     sys.exit(2)
 
 
@@ -57,7 +62,7 @@ def emit_json(summary: dict) -> None:
 
 
 def warn(message: str) -> None:
-    click.echo(message, err=True)
+    click.echo(one_line(message), err=True)
 
 
 def _positive_finite(_context, parameter, value: float | None) -> float | None:
@@ -227,7 +232,7 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
                          seed=seed, resume=resume, threads=threads)
     progress = IterationBar(iters, "train", "val_psnr_y")
     try:
-        result = run_train(config, progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
+        result = run_train(config, progress, warn=lambda m: tqdm.write(one_line(m), file=sys.stderr))
     finally:
         progress.close()
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s)")
@@ -294,7 +299,7 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
     progress = IterationBar(iters, "finetune", "val_drop_db")
     try:
         result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress,
-                              warn=lambda m: tqdm.write(m, file=sys.stderr))
+                              warn=lambda m: tqdm.write(one_line(m), file=sys.stderr))
     finally:
         progress.close()
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s, "
@@ -494,7 +499,7 @@ def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, as_j
 
     try:
         result = run_upscale(list(inputs), model, output, UpscaleOptions(runtime, threads, codec, crf, overwrite),
-                             progress=progress, warn=lambda m: tqdm.write(m, file=sys.stderr))
+                             progress=progress, warn=lambda m: tqdm.write(one_line(m), file=sys.stderr))
     finally:
         for bar in bars:
             bar.close()

@@ -114,3 +114,12 @@ def whole_image_ranges(model_path, files, height, width, per_channel=False):
     if per_channel:
         return low, high
     return {name: (float(low[name]), float(high[name])) for name in names}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_resize_matrices():
+    """Every test builds its MATLAB-resize matrices itself: a cache filled by an earlier test (or, in a
+    mutation run, by an earlier mutant in the same process) would hide a change to the kernel."""
+    from dipnet_deploy.matlab_resize import resize_matrix
+
+    resize_matrix.cache_clear()

@@ -479,3 +479,16 @@ def test_absurd_sizes_refused_before_allocating(case, work, invoke):
     args = [a.format(w=work / "w.pth", hr=work / "hr", out=work / "out.bin") for a in ABSURD[case]]
     before = snapshot(work)
     refused(invoke(*args), option, before, work)
+
+
+@pytest.mark.parametrize("name", ["two\nlines.pth", "carriage\rreturn.pth", "tab\tand\x1bescape.pth"])
+def test_control_characters_in_a_file_name_stay_on_one_line(name, work, invoke):
+    """A refusal naming a file with a newline (or other control character) in its name is still one line,
+    with the character shown as an escape."""
+    path = work / name
+    path.write_bytes(b"not a checkpoint")
+    before = snapshot(work)
+    code, _, err = invoke("export", "--checkpoint", path, "-o", work / "never.onnx")
+    refused((code, "", err), "not a PyTorch checkpoint", before, work)
+    assert name.encode("unicode_escape").decode("ascii") in err
+    path.unlink()
