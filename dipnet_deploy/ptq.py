@@ -33,7 +33,7 @@ class AutoOptions:
     """iters: Adam steps; batch crops of crop x crop input pixels each; lr: peak learning rate of the
     range bounds (cosine decay to 1%); seed: the crops drawn."""
 
-    iters: int = 300
+    iters: int = 1000
     batch: int = 8
     crop: int = 64
     lr: float = 1e-3
