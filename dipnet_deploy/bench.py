@@ -22,7 +22,7 @@ import numpy as np
 
 from dipnet_deploy.compare import check_pair, inspect_model
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.runtime import FULL_HD_PIXELS, check_runtime, open_session, time_interleaved
+from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, open_session, time_interleaved
 
 
 @dataclass
@@ -65,6 +65,8 @@ def bench(fp32_path: Path, int8_path: Path, options: BenchOptions = BenchOptions
     int8 = inspect_model(Path(int8_path), "int8")
     check_pair(fp32, int8)
     shape = fp32.input_shape
+    check_parallelism(options.threads, "--threads")
+    check_parallelism(options.streams, "--streams", shape)
     per_frame = FULL_HD_PIXELS / (shape[2] * shape[3])
     models = {"fp32": fp32.path, "int8": int8.path}
     progress(f"loading {len(options.runtimes) * 2} sessions")

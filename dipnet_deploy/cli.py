@@ -62,19 +62,31 @@ def emit_json(summary: dict) -> None:
 
 
 def warn(message: str) -> None:
-    click.echo(one_line(message), err=True)
+    """One line on stderr, on its own line even while a progress bar is drawn there."""
+    from tqdm import tqdm
+
+    tqdm.write(one_line(message), file=sys.stderr)
 
 
-def _positive_finite(_context, parameter, value: float | None) -> float | None:
-    """Click callback: ``float`` and ``FloatRange`` let NaN and inf through."""
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"{value} is not a positive finite number", param=parameter)
+def _megapixels(context, parameter, text: str | None) -> float | None:
+    """Click callback: a positive finite number (``float`` lets NaN and inf through), refused under the name
+    the user set: the option, or the environment variable."""
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        source = context.get_parameter_source(parameter.name)
+        name = parameter.envvar if source == click.core.ParameterSource.ENVIRONMENT else parameter.opts[0]
+        raise click.UsageError(f"{name}: {text!r} is not a positive number of megapixels")
     return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dipnet-deploy")
-@click.option("--max-megapixels", type=float, envvar="DIPNET_MAX_MEGAPIXELS", callback=_positive_finite,
+@click.option("--max-megapixels", envvar="DIPNET_MAX_MEGAPIXELS", callback=_megapixels,
               help="Largest image decoded, in megapixels (default 100; env DIPNET_MAX_MEGAPIXELS). Larger ones "
                    "are skipped with a warning in a folder, refused when given alone.")
 def main(max_megapixels: float | None) -> None:
@@ -210,7 +222,8 @@ class IterationBar:
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("runs/x2/last.pth"),
               show_default=True, help="Checkpoint to write (BasicSR layout with optimizer state).")
 @click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for weights init and batches.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed for weights init and batches.")
 @click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
 @user_errors
@@ -272,7 +285,7 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("runs/finetune/last.pth"),
               show_default=True, help="Checkpoint to write: deploy-form params/params_ema plus the learned ranges.")
 @click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this finetune checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the batches.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for the batches.")
 @click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
 @click.option("--device", default="cpu", show_default=True,
               help="Torch device to train on, e.g. cuda (the checkpoint is the same either way).")
@@ -388,6 +401,32 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         emit_json(summary)
 
 
+def ray_options(command):
+    """``--ray`` and its settings, handed to the command as one ``ray`` argument (RayOptions or None)."""
+
+    @click.option("--ray", "use_ray", is_flag=True,
+                  help="Run the work on a Ray cluster: the one named by --ray-address or RAY_ADDRESS, else a local "
+                       "Ray on this machine's cores (needs `pip install 'dipnet-deploy[ray]'`; inputs must be on a "
+                       "filesystem every node mounts at the same path; see docs/scale-out.md).")
+    @click.option("--ray-address", metavar="ADDRESS",
+                  help="Ray cluster to join (host:port that `ray start --head` printed, or 'auto'). Implies --ray.")
+    @click.option("--ray-workers", type=click.IntRange(1),
+                  help="Worker actors, each holding its own model session(s). Default: the cluster's CPUs divided by "
+                       "--ray-cpus-per-worker.")
+    @click.option("--ray-cpus-per-worker", type=click.IntRange(1), default=1, show_default=True,
+                  help="CPUs Ray reserves for each worker, and its runtime's threads.")
+    @functools.wraps(command)
+    def wrapper(*args, use_ray, ray_address, ray_workers, ray_cpus_per_worker, **kwargs):
+        from dipnet_deploy.cluster import RayOptions
+
+        if (ray_workers is not None or ray_cpus_per_worker != 1) and not (use_ray or ray_address):
+            raise click.UsageError("--ray-workers and --ray-cpus-per-worker need --ray")
+        ray = RayOptions(ray_address, ray_workers, ray_cpus_per_worker) if use_ray or ray_address else None
+        return command(*args, ray=ray, **kwargs)
+
+    return wrapper
+
+
 @main.command()
 @click.argument("report_dir", type=click.Path(path_type=Path), default=Path("report"), required=False)
 @click.option("--fp32", "fp32_path", type=click.Path(path_type=Path, dir_okay=False),
@@ -403,16 +442,18 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
 @click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Parallel processes, each with its own onnxruntime sessions and cores / N threads.")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--repeats", type=click.IntRange(1, 10_000), default=5, show_default=True,
               help="Timed forwards per model for the latency (median).")
 @runtime_option
 @click.option("--diagnose", is_flag=True,
               help="Also diagnose where int8 loses: per quantized activation, its SQNR and the PSNR-Y regained "
                    "with only that tensor in float (one more pass over the data per tensor; metrics.json "
                    "int8_diagnosis, a Diagnosis section in the report).")
+@ray_options
 @click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as one JSON line, last.")
 @user_errors
-def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, runtime, diagnose, as_json):
+def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, runtime, diagnose, ray,
+            as_json):
     """Measure what int8 costs: PSNR/SSIM of fp32, int8 and bicubic against HR, and latency.
 
     Writes REPORT_DIR (default: report/) with metrics.json, report.md and a self-contained
@@ -429,7 +470,9 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
         raise InputError(data, "not a directory")
     int8_path = int8_path or default_int8_for(fp32_path)
     check_report_dir(report_dir, [("--fp32", fp32_path)] + ([("--int8", int8_path)] if int8_path else []))
-    options = CompareOptions(protocol, limit, workers, repeats, runtime, diagnose)
+    if ray is not None and workers > 1:
+        raise click.UsageError("--workers sets local processes; with --ray, use --ray-workers")
+    options = CompareOptions(protocol, limit, workers, repeats, runtime, diagnose, ray)
     comparison = run_compare(fp32_path, int8_path, data, options,
                              progress=lambda it, n: tqdm(it, total=n, desc="compare", unit="img", file=sys.stderr),
                              warn=warn, diagnose_progress=lambda it, n: tqdm(it, total=n, desc="diagnose",
@@ -448,6 +491,7 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
     if as_json:
         summary = {"report": str(report_dir), "protocol": protocol, "scale": document["scale"],
                    "images": document["count"], "skipped": len(document["skipped"]),
+                   "execution": document["execution"]["backend"],
                    **{f"{k}_{n}": round(v, 4) for k in ("psnr_y", "ssim_y") for n, v in mean[k].items()}}
         if "speedup_int8" in latency:
             summary |= {"latency_fp32_s": round(latency["fp32"]["per_1080p_frame_s"], 4),
@@ -474,9 +518,10 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
 @click.option("--crf", type=click.IntRange(0, 63), default=18, show_default=True,
               help="Video quality: the encoder's constant rate factor (lower is better and larger).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist (default: skip them with a warning).")
+@ray_options
 @click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
 @user_errors
-def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, as_json):
+def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, ray, as_json):
     """Upscale images and videos (files or folders) with the deployed model.
 
     INPUT: image files (png, jpg, bmp, tif, webp), videos (mp4, mkv, mov, webm, avi) and folders
@@ -498,8 +543,8 @@ def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, as_j
         return lambda: bars[0].update(1)
 
     try:
-        result = run_upscale(list(inputs), model, output, UpscaleOptions(runtime, threads, codec, crf, overwrite),
-                             progress=progress, warn=lambda m: tqdm.write(one_line(m), file=sys.stderr))
+        result = run_upscale(list(inputs), model, output, UpscaleOptions(runtime, threads, codec, crf, overwrite, ray),
+                             progress=progress, warn=warn)
     finally:
         for bar in bars:
             bar.close()
@@ -518,7 +563,7 @@ def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, as_j
 @click.option("--runtime", "runtimes", type=click.Choice(RUNTIMES), multiple=True,
               help=RUNTIME_HELP + " Repeat to measure several side by side (all interleaved); "
                                   "ratios are to the first one's fp32. Default: onnxruntime.")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
+@click.option("--repeats", type=click.IntRange(1, 10_000), default=5, show_default=True,
               help="Timed forwards per model (median), and forwards per stream for the throughput.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads of one forward for the latency (default: all cores).")
 @click.option("--streams", type=click.IntRange(0),

@@ -11,6 +11,7 @@ Protocols:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -23,13 +24,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, to_uint8_rgb
 from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.metrics import psnr, ssim
-from dipnet_deploy.runtime import FULL_HD_PIXELS, check_runtime, time_interleaved
+from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, time_interleaved
 from dipnet_deploy.sr_protocol import make_pair, score, to_input, unscorable
 from dipnet_deploy.tiling import TiledRunner
 
@@ -45,6 +47,7 @@ class CompareOptions:
     latency_repeats: int = 5
     runtime: str = "onnxruntime"  # one of runtime.RUNTIMES: what runs both models
     diagnose: bool = False  # per quantized activation: SQNR and the PSNR-Y regained in float (diagnose.py)
+    ray: RayOptions | None = None  # score the images on a Ray cluster (cluster.py) instead of local processes
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Comparison:
     receptive_field: dict = field(default_factory=dict)
     int8_origin: dict | None = None  # from the int8 model card: its method and the fp32 ONNX it was made from
     diagnosis: list[dict] | None = None  # diagnose.diagnose: one entry per quantized activation
+    execution: dict = field(default_factory=dict)  # what scored the images: local, processes or a Ray cluster
 
 
 def inspect_model(path: Path, role: str) -> ModelInfo:
@@ -144,33 +148,65 @@ def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol
     return {"row": row, "images": {"hr": hr, **outputs}}
 
 
-# --------------------------------------------------------------------------- worker processes
-
-_WORKER: dict = {}
+# --------------------------------------------------------------------------- workers
 
 
-def _init_pool_worker(*args) -> None:
-    """``_init_worker`` in a pool process, which leaves Ctrl-C to the parent (it stops the pool)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _init_worker(*args)
+@dataclass
+class Scorer:
+    """One worker's sessions and protocol: what scores an HR image (``score_file``)."""
+
+    runners: dict[str, TiledRunner]
+    protocol: str
+    scale: int
 
 
-def _init_worker(model_paths: dict[str, str], threads: int, protocol: str, scale: int, runtime: str) -> None:
-    _WORKER["runners"] = {name: TiledRunner(path, threads, runtime=runtime) for name, path in model_paths.items()}
-    _WORKER["protocol"], _WORKER["scale"] = protocol, scale
+def make_scorer(model_paths: dict[str, str], threads: int, protocol: str, scale: int, runtime: str) -> Scorer:
+    runners = {}
+    for name, path in model_paths.items():
+        try:
+            runners[name] = TiledRunner(path, threads, runtime=runtime)
+        except Exception as error:  # a runtime's own exception types: one line naming the model
+            raise InputError(path, f"{runtime} cannot load the --{name} model ({type(error).__name__}: {error})") from None
+    return Scorer(runners, protocol, scale)
 
 
-def _work(path: str) -> tuple[str, dict | None, str | None]:
+def score_file(scorer: Scorer, path: str) -> tuple[str, dict | None, str | None]:
+    """Score one HR image: (path, row, None), or (path, None, why it was skipped)."""
     try:
         hr, notes = read_rgb8(path)
     except InputError as error:
         return path, None, f"skipped {error}"
-    scale = _WORKER["scale"]
-    if problem := unscorable(hr, scale):
+    if problem := unscorable(hr, scorer.scale):
         return path, None, f"skipped {path}: {problem}"
-    row = evaluate_image(hr, _WORKER["runners"], _WORKER["protocol"], scale)["row"]
+    try:
+        row = evaluate_image(hr, scorer.runners, scorer.protocol, scorer.scale)["row"]
+    except Exception as error:  # one image the runtime fails on (memory, a kernel error) must not end the run
+        return path, None, f"skipped {path}: failed to evaluate ({type(error).__name__}: {error})"
     row["image"], row["notes"] = path, notes
     return path, row, None
+
+
+_POOL_SCORER: Scorer | InputError | None = None  # a pool process's scorer: an initializer can only leave a global
+
+
+def _init_pool_worker(*args) -> None:
+    """``make_scorer`` in a pool process, which leaves Ctrl-C to the parent (it stops the pool).
+
+    A failure is kept for ``_pool_score`` to raise: an initializer that raises makes the pool respawn
+    workers forever, and the run would hang.
+    """
+    global _POOL_SCORER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        _POOL_SCORER = make_scorer(*args)
+    except InputError as error:
+        _POOL_SCORER = error
+
+
+def _pool_score(path: str) -> tuple[str, dict | None, str | None]:
+    if isinstance(_POOL_SCORER, InputError):
+        raise _POOL_SCORER
+    return score_file(_POOL_SCORER, path)
 
 
 def measure_latency(runners: dict[str, TiledRunner], repeats: int) -> dict:
@@ -206,29 +242,24 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     if options.diagnose and not int8_path:
         raise InputError("--diagnose", "needs an int8 model (--int8)")
     check_runtime(options.runtime)
+    if options.ray is not None:
+        import_ray()  # before any work: refuse at once without the extra
     fp32 = inspect_model(Path(fp32_path), "fp32")
     int8 = inspect_model(Path(int8_path), "int8") if int8_path else None
     check_pair(fp32, int8)
-    files = list_images(data_dir)
+    check_parallelism(options.workers, "--workers", fp32.input_shape, sessions_each=2 if int8 else 1)
+    files = list_images(data_dir, warn)
     if not files:
         raise InputError(data_dir, "no image files (png, jpg, bmp, tif, webp)")
     if options.limit:
         files = files[: options.limit]
     model_paths = {"fp32": str(fp32.path), **({"int8": str(int8.path)} if int8 else {})}
-    workers = max(1, min(options.workers, len(files)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     comparison = Comparison(protocol=options.protocol, models={"fp32": fp32, **({"int8": int8} if int8 else {})},
                             int8_origin=int8_origin(int8, fp32) if int8 else None)
+    scorer_args = (model_paths, options.protocol, fp32.scale, options.runtime)
     results: dict[str, dict] = {}
-    if workers == 1:
-        _init_worker(model_paths, threads, options.protocol, fp32.scale, options.runtime)
-        outcomes = map(_work, map(str, files))
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, _init_pool_worker, (model_paths, threads, options.protocol, fp32.scale, options.runtime))
-        outcomes = pool.imap_unordered(_work, map(str, files))
-    try:
+    with contextlib.ExitStack() as stack:
+        outcomes, comparison.execution, local = _scorings(files, scorer_args, options, stack)
         for path, row, problem in progress(outcomes, len(files)):
             if problem:
                 comparison.skipped.append(problem)
@@ -237,15 +268,11 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
                 for note in row["notes"]:
                     warn(f"note: {path}: {note}")
                 results[path] = row
-    finally:
-        if pool is not None:
-            pool.terminate()  # every result is in by now, unless an error or Ctrl-C stops the run: then at once
-            pool.join()
     if not results:
         raise InputError(data_dir, f"no usable HR images ({len(files)} file(s), all skipped)")
     comparison.rows = [results[str(p)] for p in files if str(p) in results]
-    runners = _WORKER.get("runners") if workers == 1 else {n: TiledRunner(p, os.cpu_count(), runtime=options.runtime)
-                                                           for n, p in model_paths.items()}
+    # latency: on this machine, with all its cores (the local scorer has them)
+    runners = (local or make_scorer(model_paths, os.cpu_count() or 1, *scorer_args[1:])).runners
     field_ = next(iter(runners.values())).field
     comparison.receptive_field = {"radius": field_.radius, "local": field_.local,
                                   "halo": next(iter(runners.values())).halo}
@@ -257,6 +284,36 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
         comparison.diagnosis = diagnose(int8.path, comparison.rows, options.protocol, fp32.scale,
                                         evaluate, options.runtime, diagnose_progress)
     return comparison
+
+
+def _scorings(files: list[Path], scorer_args: tuple, options: CompareOptions,
+              stack: contextlib.ExitStack) -> tuple[Iterable, dict, Scorer | None]:
+    """The (path, row, problem) of every file, in any order, from this process, a local process pool
+    or a Ray cluster; a description of what ran them; the scorer when it is this process's.
+    ``stack`` owns the workers."""
+    model_paths, protocol, scale, runtime = scorer_args
+    paths = list(map(str, files))
+    if options.ray is not None:
+        from dipnet_deploy.cluster import cluster_description, ray_map
+
+        count, outcomes = stack.enter_context(ray_map(
+            make_scorer, (model_paths, options.ray.cpus_per_worker, protocol, scale, runtime), score_file, paths,
+            lambda path: [path], options.ray))
+        execution = cluster_description(options.ray, count)
+        return (outcome.value if outcome.error is None else (outcome.item, None, f"skipped {outcome.error}")
+                for outcome in outcomes), execution, None
+    workers = max(1, min(options.workers, len(files)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    execution = {"backend": "local" if workers == 1 else "processes", "workers": workers}
+    if workers == 1:
+        scorer = make_scorer(model_paths, threads, protocol, scale, runtime)
+        return (score_file(scorer, path) for path in paths), execution, scorer
+    pool = multiprocessing.get_context("spawn").Pool(workers, _init_pool_worker, (model_paths, threads, protocol,
+                                                                                  scale, runtime))
+    # every result is in when the stack closes, unless an error or Ctrl-C stops the run: then stop at once
+    stack.callback(pool.join)
+    stack.callback(pool.terminate)
+    return pool.imap_unordered(_pool_score, paths), execution, None
 
 
 def means(rows: list[dict]) -> dict:

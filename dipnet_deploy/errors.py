@@ -12,3 +12,6 @@ class InputError(Exception):
         super().__init__(f"{where}: {problem}")
         self.where = str(where)
         self.problem = problem
+
+    def __reduce__(self):  # rebuilt from both fields when it crosses a process boundary (a pool worker's error)
+        return type(self), (self.where, self.problem)

@@ -27,17 +27,19 @@ import torch
 from dipnet_deploy.archs.dipnet_arch import DIPNet
 from dipnet_deploy.calibrate import channel_ranges, tensor_shapes
 from dipnet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_file
+from dipnet_deploy.config import refuse_beyond_memory
 from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_onnx
 from dipnet_deploy.fileio import atomic_path, ensure_parent
-from dipnet_deploy.imageio import list_images
+from dipnet_deploy.imageio import list_images, silent
 from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, model_from_onnx, observe_ranges
 from dipnet_deploy.safety import refuse_collisions
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
 
 TARGETS = ("gt", "teacher", "mix")
+TRAINING_DEVICES = ("cpu", "cuda", "mps", "xpu")
 EQUALIZATION_IMAGES = 16  # evenly spaced training images measure the equalization factors
 
 
@@ -108,6 +110,8 @@ def check_options(options: FinetuneOptions, scale: int, esa: bool) -> int:
         raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px (--patch >= {ESA_MIN_SIZE * scale})")
     try:
         device = torch.device(options.device)
+        if device.type not in TRAINING_DEVICES:  # "meta" and friends hold no data to train
+            raise RuntimeError(f"not a device to train on (choose from {', '.join(TRAINING_DEVICES)})")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as error:
         raise InputError("--device", f"{options.device!r} is not usable here ({str(error).splitlines()[0][:100]})") from None
@@ -157,8 +161,11 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     loaded: LoadedCheckpoint = load_checkpoint(checkpoint)
     config = loaded.config
     patch = check_options(options, config.upscale, config.esa)
+    # the fake-quantized twin keeps about as much per sample as training the deploy form (twice, with a teacher)
+    refuse_beyond_memory(config, "--batch/--patch", patch // config.upscale, patch // config.upscale,
+                         options.batch * (2 if options.target != "gt" else 1), training=True)
     # --out may be --resume (a run continues its own checkpoint), never what the run reads
-    images = list_images(data) + (list_images(options.val) if options.val is not None else [])
+    images = list_images(data, silent) + (list_images(options.val, silent) if options.val is not None else [])
     refuse_collisions([("--out", out)], [("--checkpoint", Path(checkpoint))] +
                       [("a --data/--val image", path) for path in images])
     ensure_parent(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -50,10 +51,10 @@ def max_pixels() -> int:
 def check_image_size(path: Path) -> None:
     """Refuse, before decoding, a file too large on disk or a header declaring more than ``max_pixels()``."""
     limit = max_pixels()
-    raise_it = f"(set {MAX_MEGAPIXELS_VARIABLE} above {limit / 1e6:g} to allow larger images)"
     size = path.stat().st_size
     if size > MAX_BYTES_PER_PIXEL * limit + HEADER_BYTES:
-        raise InputError(path, f"{size / 2**20:,.0f} MiB is more than an image within the size limit can take {raise_it}")
+        raise InputError(path, f"{size / 2**20:,.0f} MiB is more than an image within the size limit can take "
+                               f"(set {MAX_MEGAPIXELS_VARIABLE} above {limit / 1e6:g} to allow larger images)")
     try:
         with warnings.catch_warnings(), Image.open(path) as image:  # parses the header; pixels stay on disk
             warnings.simplefilter("ignore")
@@ -62,8 +63,15 @@ def check_image_size(path: Path) -> None:
         raise  # read_rgb8 says the file cannot be read
     except Exception:  # Pillow raises many types on foreign or damaged headers
         raise InputError(path, "not a readable image (unrecognized or damaged header)") from None
+    check_pixel_count(path, width, height)
+
+
+def check_pixel_count(path: Path, width: int, height: int) -> None:
+    """Refuse an image or video frame of ``width`` x ``height`` (from a header) over ``max_pixels()``."""
+    limit = max_pixels()
     if width * height > limit:
-        raise InputError(path, f"{width}x{height} is {width * height / 1e6:,.0f} megapixels, over the limit {raise_it}")
+        raise InputError(path, f"{width}x{height} is {width * height / 1e6:,.1f} megapixels, over the limit "
+                               f"(set {MAX_MEGAPIXELS_VARIABLE} above {limit / 1e6:g} to allow larger images)")
 
 
 def read_rgb8(path: str | Path) -> tuple[np.ndarray, list[str]]:
@@ -102,22 +110,45 @@ def read_rgb8(path: str | Path) -> tuple[np.ndarray, list[str]]:
     return image, notes
 
 
-def list_images(directory: str | Path) -> list[Path]:
+def list_images(directory: str | Path, warn: Callable[[str], None] = print) -> list[Path]:
     """Files under ``directory`` (recursive) with an image suffix, sorted by path.
 
     Folders holding one of our reports are skipped (their figures are not data), and linked
-    folders are not entered (no loops); linked files are listed.
+    folders are not entered (no loops); linked files are listed. A subfolder that cannot be read
+    is skipped with a warning naming it (``warn``); ``directory`` itself unreadable is an error.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(directory, "not a directory")
     if holds_our_report(directory):
         raise InputError(directory, "is a dipnet-deploy report folder (metrics.json), not a folder of images")
+    try:
+        os.listdir(directory)
+    except OSError as error:
+        raise InputError(directory, f"cannot read the folder ({error.strerror})") from None
     found = []
-    for folder, subfolders, names in os.walk(directory):
+    for folder, subfolders, names in os.walk(directory, onerror=lambda error: warn(unreadable_folder(error))):
         subfolders[:] = [name for name in subfolders if not holds_our_report(Path(folder) / name)]
         found += [Path(folder) / name for name in names if Path(name).suffix.lower() in IMAGE_SUFFIXES]
+    for path in sorted(found):
+        if not path.is_file():
+            warn(not_a_file(path))
     return sorted(path for path in found if path.is_file())
+
+
+def silent(_message: str) -> None:
+    """A ``warn`` that says nothing: for listings made only to check collisions (the reading run warns)."""
+
+
+def not_a_file(path: Path) -> str:
+    """The warning for a listed name that is no regular file (a FIFO, a device, a dangling link)."""
+    what = "a link to nothing" if path.is_symlink() and not path.exists() else "not a regular file"
+    return f"warning: skipped {path}: {what}"
+
+
+def unreadable_folder(error: OSError) -> str:
+    """The warning for a folder ``os.walk`` could not list (its ``onerror`` argument)."""
+    return f"warning: skipped {error.filename}: cannot read the folder ({error.strerror})"
 
 
 def seed_preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:

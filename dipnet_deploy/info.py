@@ -99,6 +99,8 @@ def looks_like_onnx(path: Path) -> bool:
 
 def describe(path: str | Path, height: int = 1080, width: int = 1920) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a FIFO (reading it would wait forever), a device
+        raise InputError(path, "not a regular file")
     if looks_like_onnx(path):
         summary = onnx_summary(load_onnx(path))
         return {"path": str(path), "kind": "onnx", **summary, "gflops": round(2 * summary["macs"] / 1e9, 1)}

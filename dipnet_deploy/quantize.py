@@ -24,12 +24,12 @@ from dipnet_deploy.calibrate import OBSERVERS, calibrate, float_tensors, make_ob
 from dipnet_deploy.equalize import MAX_SCALE, apply_equalization, channel_spaces
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, silent
 from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
-from dipnet_deploy.safety import refuse_collisions
+from dipnet_deploy.safety import refuse_collisions, refuse_foreign_files
 
 RANGES_FORMAT = "dipnet-deploy-ranges/1"
 LEARNED = "learned"  # --method: the ranges `finetune` learned, carried in the fp32 ONNX
@@ -98,7 +98,7 @@ class SeedInputs:
 
 def select_images(directory: Path, limit: int | None, warn: Callable[[str], None]) -> tuple[list[Path], list[str]]:
     """Readable images under ``directory`` (sorted), an evenly spaced subset of ``limit``; and skips."""
-    files = list_images(directory)
+    files = list_images(directory, warn)
     usable, skipped = [], []
     for path in files:
         try:
@@ -346,7 +346,7 @@ def refuse_overwrites(model_path: Path, calib_dir: Path | None, ranges_path: Pat
     ranges_role = [("--ranges", ranges_path)]
     outputs = [("--output", output), ("model card", card_path)] + (ranges_role if new_ranges else [])
     inputs = [("--model", model_path), ("the --model's card", model_path.with_suffix(".json"))]
-    inputs += [("calibration image", path) for path in list_images(calib_dir)] if calib_dir is not None else []
+    inputs += [("calibration image", path) for path in list_images(calib_dir, silent)] if calib_dir is not None else []
     inputs += [] if new_ranges else ranges_role
     for _, path in outputs:
         refuse_unwritable(path)
@@ -372,10 +372,13 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     if calib_dir is None and ranges_path is None and not learned:
         raise InputError("--calib", "give a calibration directory or a saved --ranges file")
     calib_dir = Path(calib_dir) if calib_dir is not None else None
+    given_ranges = ranges_path is not None
     ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
     card_path = output.with_suffix(".json")
     new_ranges = calib_dir is not None or learned
     refuse_overwrites(model_path, calib_dir, ranges_path, output, card_path, new_ranges)
+    refuse_foreign_files([("model card", card_path)] + ([("ranges file", ranges_path)] if new_ranges and not given_ranges
+                                                         else []))
     if learned:
         document = learned_ranges_document(model_path, options)
     elif calib_dir is not None:

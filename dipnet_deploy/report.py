@@ -55,6 +55,7 @@ def metrics_document(comparison: Comparison) -> dict:
         "mean": means(rows),
         "images": rows,
         "latency": comparison.latency,
+        "execution": comparison.execution,
         "skipped": comparison.skipped,
     }
     if comparison.diagnosis is not None:
@@ -187,6 +188,10 @@ def _latency_lines(document: dict) -> list[str]:
                          f"{os.cpu_count()} cores)")
     if "speedup_int8" in latency:
         lines.append(f"int8 speed-up: {latency['speedup_int8']:.2f}x")
+    execution = document.get("execution", {})
+    if execution.get("backend") == "ray":
+        lines.append(f"the images were scored on a Ray cluster ({execution['workers']} workers on {execution['nodes']} "
+                     "node(s)); latency is measured on the machine that ran compare")
     return lines
 
 
@@ -221,13 +226,44 @@ REPORT_FILES = ("psnr_per_image.png", "worst_crops.png", "error_heatmap.png", "r
                 "metrics.json")  # every file write_report makes, in the order they are moved in: metrics.json last
 
 
+STAGING_PREFIX = ".dipnet-report-"  # write_report's hidden staging folder inside the report folder
+
+
+def orphan_staging(entry: Path) -> bool:
+    """Whether ``entry`` is a staging folder left by a killed ``write_report``: our prefix, and nothing in
+    it but files named as ours (so removing it can never remove anything of the user's)."""
+    if entry.is_symlink() or not entry.is_dir() or not entry.name.startswith(STAGING_PREFIX):
+        return False
+    try:
+        return all(child.name in REPORT_FILES and child.is_file() and not child.is_symlink()
+                   for child in entry.iterdir())
+    except OSError:
+        return False
+
+
+def _remove_orphan_staging(report_dir: Path) -> None:
+    for entry in list(report_dir.iterdir()):
+        if orphan_staging(entry):
+            with contextlib.suppress(OSError):
+                for child in entry.iterdir():
+                    child.unlink()
+                entry.rmdir()
+
+
 def check_report_dir(report_dir: Path, inputs: Iterable[tuple[str, Path]] = ()) -> None:
     """Refuse a report folder before any work: not a folder, not writable, holding someone else's files,
-    or where one of our report files would replace an input (``inputs``: (option, path) pairs)."""
+    or where one of our report files would replace an input (``inputs``: (option, path) pairs).
+
+    A folder holding nothing but staging folders of a killed run (``orphan_staging``) counts as empty.
+    """
     report_dir = Path(report_dir)
     if report_dir.exists() and not report_dir.is_dir():
         raise InputError(report_dir, "exists and is not a directory")
-    if report_dir.is_dir() and any(report_dir.iterdir()) and not holds_our_report(report_dir):
+    try:
+        entries = list(report_dir.iterdir()) if report_dir.is_dir() else []
+    except OSError as error:
+        raise InputError(report_dir, f"cannot list the folder ({error.strerror})") from None
+    if any(not orphan_staging(entry) for entry in entries) and not holds_our_report(report_dir):
         raise InputError(report_dir, "is a non-empty folder that is not a dipnet-deploy report (no metrics.json of "
                                      "ours); give a new or empty folder, or a previous report to update")
     refuse_unwritable(report_dir, folder=True)
@@ -246,7 +282,8 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
     created = not report_dir.exists()
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".dipnet-report-", dir=report_dir))
+        _remove_orphan_staging(report_dir)
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))
     except OSError as error:
         raise InputError(report_dir, f"cannot write the report ({error.strerror})") from None
     finished = False

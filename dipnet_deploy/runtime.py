@@ -10,6 +10,7 @@ parts in bf16 on CPUs that have it, which is not the model that was measured).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,29 @@ import numpy as np
 from dipnet_deploy.errors import InputError
 
 RUNTIMES = ("onnxruntime", "openvino")
+MAX_THREADS_PER_CORE = 4  # more threads (or parallel sessions) than this per core only measure contention
+SESSION_BYTES_PER_INPUT_PIXEL = 1024  # rough peak of one DIPNet-sized forward: ~64 live float channels x 4 tensors
 FULL_HD_PIXELS = 1920 * 1080  # latencies are reported per 1080p-equivalent frame: seconds x FULL_HD_PIXELS / (H x W)
 OPENVINO_INSTALL = "OpenVINO is not installed: pip install 'dipnet-deploy[openvino]' (or: pip install openvino)"
+
+
+def check_parallelism(count: int | None, option: str, input_shape: list[int] | None = None,
+                      sessions_each: int = 1) -> None:
+    """Refuse, before anything is allocated, ``count`` threads (or parallel sessions) beyond
+    ``MAX_THREADS_PER_CORE`` per core and, given the model's ``input_shape``, ``count`` x
+    ``sessions_each`` sessions whose rough memory exceeds this machine's."""
+    if count is None:
+        return
+    cores = os.cpu_count() or 1
+    if count > MAX_THREADS_PER_CORE * cores:
+        raise InputError(option, f"{count} on {cores} cores: at most {MAX_THREADS_PER_CORE * cores} "
+                                 f"({MAX_THREADS_PER_CORE} per core)")
+    if input_shape is not None:
+        need = count * sessions_each * SESSION_BYTES_PER_INPUT_PIXEL * input_shape[2] * input_shape[3]
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > have:
+            raise InputError(option, f"{count * sessions_each} sessions of a {input_shape[2]}x{input_shape[3]} model "
+                                     f"need about {need / 2**30:,.0f} GiB, more than this machine's {have / 2**30:,.0f} GiB")
 
 
 class OrtSession:

@@ -4,6 +4,8 @@ Conventions:
 - two paths are the same file when ``os.path.samefile`` says so (hard and symbolic links included)
   or, when either does not exist yet, when their fully resolved paths are equal (a dangling link
   counts as its target);
+- a file the tool names itself (a model card, the default ranges file) replaces only an earlier
+  file of ours (``written_by_us``), never one of the user's;
 - a folder is one of our reports when it holds a ``metrics.json`` whose ``schema`` starts with
   ``METRICS_SCHEMA_PREFIX``; data listings skip such folders and ``compare`` only ever replaces
   its own files in them.
@@ -59,3 +61,26 @@ def holds_our_report(directory: str | Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(document, dict) and str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX)
+
+
+def written_by_us(path: str | Path) -> bool:
+    """Whether ``path`` is a JSON file of ours (a model card or ranges file: its ``tool`` names dipnet-deploy)."""
+    try:
+        with open(path, "rb") as handle:
+            document = json.loads(handle.read(1 << 24))  # our cards and ranges files are small
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(document, dict) and str(document.get("tool", "")).startswith("dipnet-deploy")
+
+
+def refuse_foreign_files(derived: Iterable[tuple[str, Path]]) -> None:
+    """Refuse to replace an existing file the user did not name and we did not write.
+
+    ``derived``: (role, path) of outputs whose names the tool chose (a model card beside the model,
+    the default ranges file): such a path may hold an earlier run's file, never a file of the user's.
+    """
+    for role, path in derived:
+        path = Path(path)
+        if (path.exists() or path.is_symlink()) and not written_by_us(path):
+            raise InputError(path, f"exists and was not written by dipnet-deploy; the {role} would replace it "
+                                   "(move that file, or choose another --output)")

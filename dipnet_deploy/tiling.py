@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from dipnet_deploy.errors import InputError
 from dipnet_deploy.runtime import open_session
 
 GLOBAL_OPS = {"Resize", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean"}
@@ -98,7 +99,8 @@ class TiledRunner:
         # Tiles must keep a core between their halos; ESA models (global field) get what fits.
         self.halo = min(self.halo, (min(self.tile_h, self.tile_w) - 1) // 4) if not self.field.local else self.halo
         if 2 * self.halo >= min(self.tile_h, self.tile_w):
-            raise ValueError(f"model input {self.tile_h}x{self.tile_w} is too small for a halo of {self.halo} px")
+            raise InputError(model_path, f"model input {self.tile_h}x{self.tile_w} is too small to tile with a halo "
+                                         f"of {self.halo} px (its receptive field); export it at a larger size")
         self.runtime = runtime
         self.session = open_session(model_path, runtime, threads)
 

@@ -28,7 +28,7 @@ from dipnet_deploy.checkpoint import check_finite, check_state_dict, load_file
 from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
-from dipnet_deploy.imageio import list_images, read_rgb8
+from dipnet_deploy.imageio import list_images, read_rgb8, silent
 from dipnet_deploy.safety import refuse_collisions
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
 
@@ -75,7 +75,7 @@ class PairedPatches:
             raise InputError("--patch", f"{patch} is not a multiple of the scale {scale}")
         self.scale, self.patch = scale, patch
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
-        files = list_images(directory)
+        files = list_images(directory, warn)
         for path in files:
             try:
                 hr, _ = read_rgb8(path)
@@ -117,7 +117,7 @@ def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], Non
     if directory is None:
         return []
     pairs = []
-    for path in list_images(directory):
+    for path in list_images(directory, warn):
         try:
             hr, _ = read_rgb8(path)
         except InputError as error:
@@ -290,7 +290,7 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
         raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px "
                                     f"(--patch >= {ESA_MIN_SIZE * config.upscale} at x{config.upscale})")
     # --out may be --resume (a run continues its own checkpoint) but never one of the images it reads
-    images = list_images(cfg.data) + (list_images(cfg.val) if cfg.val is not None else [])
+    images = list_images(cfg.data, silent) + (list_images(cfg.val, silent) if cfg.val is not None else [])
     refuse_collisions([("--out", cfg.out)], [("a --data/--val image", path) for path in images])
     ensure_parent(cfg.out)
     if cfg.threads:

@@ -32,15 +32,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.compare import inspect_model
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import atomic_path, refuse_unwritable
-from dipnet_deploy.imageio import IMAGE_SUFFIXES, read_rgb8, to_uint8_rgb
-from dipnet_deploy.runtime import check_runtime
+from dipnet_deploy.fileio import atomic_path, refuse_unwritable, write_bytes_atomic
+from dipnet_deploy.imageio import IMAGE_SUFFIXES, not_a_file, read_rgb8, to_uint8_rgb, unreadable_folder
+from dipnet_deploy.runtime import check_parallelism, check_runtime
 from dipnet_deploy.safety import refuse_collisions, same_file
 from dipnet_deploy.sr_protocol import to_input
 from dipnet_deploy.tiling import TiledRunner
-from dipnet_deploy.video import VIDEO_SUFFIXES, count_frames, default_codec, transcode
+from dipnet_deploy.video import VIDEO_SUFFIXES, check_codec, count_frames, default_codec, transcode
 
 
 @dataclass
@@ -50,6 +51,7 @@ class UpscaleOptions:
     codec: str | None = None  # video encoder; None: video.default_codec (H.264; VP9 for .webm)
     crf: int = 18  # constant rate factor of the video encoder (lower: better and larger)
     overwrite: bool = False
+    ray: RayOptions | None = None  # run on a Ray cluster (cluster.py) instead of this process
 
 
 @dataclass
@@ -67,11 +69,13 @@ class UpscaleResult:
     videos: int = 0
     frames: int = 0
     seconds: float = 0.0
+    execution: dict = field(default_factory=lambda: {"backend": "local", "workers": 1})  # or a Ray cluster's
 
     def summary(self, output_dir: Path, runtime: str) -> dict:
         return {"output": str(output_dir), "files": len(self.written), "images": self.images, "videos": self.videos,
                 "frames": self.frames, "skipped": len(self.skipped), "seconds": round(self.seconds, 3),
-                "frames_per_s": round(self.frames / self.seconds, 3) if self.seconds else 0.0, "runtime": runtime}
+                "frames_per_s": round(self.frames / self.seconds, 3) if self.seconds else 0.0, "runtime": runtime,
+                "execution": self.execution["backend"], "workers": self.execution["workers"]}
 
 
 def _media(path: Path) -> bool:
@@ -94,11 +98,13 @@ def plan(inputs: list[Path], output_dir: Path, warn: Callable[[str], None] = pri
         if source.is_dir():
             if same_file(output_dir, source) or output_dir.resolve().is_relative_to(source.resolve()):
                 raise InputError(output_dir, f"is inside the input folder {source}; choose an output folder outside it")
-            for folder, _, names in sorted(os.walk(source)):
+            for folder, _, names in sorted(os.walk(source, onerror=lambda error: warn(unreadable_folder(error)))):
                 for name in sorted(names):
                     path = Path(folder) / name
                     if _media(path) and path.is_file():
                         jobs.append(_job(path, output_dir / path.relative_to(source)))
+                    elif _media(path):
+                        warn(not_a_file(path))
         elif source.is_file():
             if not _media(source):
                 warn(f"warning: skipped {source}: not an image ({', '.join(IMAGE_SUFFIXES)}) "
@@ -106,7 +112,7 @@ def plan(inputs: list[Path], output_dir: Path, warn: Callable[[str], None] = pri
                 continue
             jobs.append(_job(source, output_dir / source.name))
         else:
-            raise InputError(source, "no such file or folder")
+            raise InputError(source, "not a regular file or folder" if source.exists() else "no such file or folder")
     for job in jobs:  # an input folder inside the output folder can still be in the way of the mirrored tree
         inside = next((folder for folder in folders if job.target.resolve().is_relative_to(folder.resolve())), None)
         if inside is not None:
@@ -125,23 +131,36 @@ def upscale_rgb(runner: TiledRunner, rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(to_uint8_rgb(runner.run(to_input(rgb))[0]))
 
 
-def upscale_image(runner: TiledRunner, job: Job, warn: Callable[[str], None]) -> None:
-    rgb, notes = read_rgb8(job.source)
-    for note in notes:
-        warn(f"note: {job.source}: {note}")
+def upscaled_png(runner: TiledRunner, source: Path) -> tuple[bytes, list[str]]:
+    """The upscaled image ``source`` encoded as PNG, and the notes on its conversion to 8-bit RGB."""
+    rgb, notes = read_rgb8(source)
     ok, data = cv2.imencode(".png", cv2.cvtColor(upscale_rgb(runner, rgb), cv2.COLOR_RGB2BGR))
     if not ok:
-        raise InputError(job.target, "could not encode the PNG")
-    with atomic_path(job.target) as temp:
-        data.tofile(str(temp))
+        raise InputError(source, "could not encode the upscaled PNG")
+    return data.tobytes(), notes
 
 
-def upscale_video(runner: TiledRunner, job: Job, options: UpscaleOptions, tick: Callable[[], None]) -> int:
-    """Upscale every frame of ``job.source`` into ``job.target`` (``video.transcode``); the frame count."""
-    suffix = job.source.suffix
-    with atomic_path(job.target) as temp:
-        return transcode(job.source, temp, suffix, lambda rgb: upscale_rgb(runner, rgb),
-                         runner.scale, options.codec or default_codec(suffix), options.crf, tick)
+def upscale_video_into(runner: TiledRunner, source: Path, target: Path, options: UpscaleOptions,
+                       tick: Callable[[], None] = lambda: None) -> int:
+    """Upscale every frame of ``source`` into the file ``target`` (``video.transcode``, the container chosen
+    by ``source``'s suffix); the frame count."""
+    suffix = source.suffix
+    return transcode(source, target, suffix, lambda rgb: upscale_rgb(runner, rgb), runner.scale,
+                     options.codec or default_codec(suffix), options.crf, tick)
+
+
+def upscale_job(runner: TiledRunner, job: Job, options: UpscaleOptions, tick: Callable[[], None],
+                warn: Callable[[str], None]) -> int:
+    """Upscale one input into its target here (atomically); the frame count."""
+    if job.video:
+        with atomic_path(job.target) as temp:
+            return upscale_video_into(runner, job.source, temp, options, tick)
+    data, notes = upscaled_png(runner, job.source)
+    for note in notes:
+        warn(f"note: {job.source}: {note}")
+    write_bytes_atomic(job.target, data)
+    tick()
+    return 1
 
 
 def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: UpscaleOptions = UpscaleOptions(),
@@ -152,7 +171,12 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
     ``progress(total_frames)`` returns a function called once per image or video frame.
     """
     check_runtime(options.runtime)
+    if options.codec is not None:
+        check_codec(options.codec)
+    if options.ray is not None:
+        import_ray()  # before any work: refuse at once without the extra
     inspect_model(Path(model_path), "model")
+    check_parallelism(options.threads, "--threads")
     jobs = plan(inputs, output_dir, warn)
     todo = []
     result = UpscaleResult()
@@ -166,28 +190,39 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
         if not jobs:
             raise InputError("INPUT", "no images or videos found")
         return result
-    runner = TiledRunner(str(model_path), options.threads, runtime=options.runtime)
-    tick = progress(sum(count_frames(job.source) if job.video else 1 for job in todo))
+    declared = {job.source: count_frames(job.source) for job in todo if job.video}  # from the headers
+    total = sum(declared.get(job.source, 1) for job in todo)
     made = {folder for job in todo for folder in (job.target.parent, *job.target.parent.parents) if not folder.exists()}
     began = time.perf_counter()
     failures = []
+
+    def done(job: Job, frames: int) -> None:
+        if frames < declared.get(job.source, 0):  # a truncated or damaged stream: say so, keep what decoded
+            warn(f"note: {job.source}: {frames} of the {declared[job.source]} frames its header declares could be "
+                 "decoded")
+        result.frames += frames
+        result.videos += job.video
+        result.images += not job.video
+        result.written.append(job.target)
+
+    def failed(error: InputError) -> None:
+        if len(jobs) == 1:  # the one input given: refused with its own line
+            raise error
+        failures.append(error)
+        result.skipped.append(str(error))
+        warn(f"warning: skipped {error}")
+
     try:
-        for job in todo:
-            try:
-                if job.video:
-                    result.frames += upscale_video(runner, job, options, tick)
-                    result.videos += 1
-                else:
-                    upscale_image(runner, job, warn)
-                    result.frames += 1
-                    result.images += 1
-                    tick()
-            except InputError as error:
-                failures.append(error)
-                result.skipped.append(str(error))
-                warn(f"warning: skipped {error}")
-                continue
-            result.written.append(job.target)
+        if options.ray is not None:
+            result.execution = _upscale_on_ray(todo, model_path, options, lambda: progress(total), warn, done, failed)
+        else:
+            runner = TiledRunner(str(model_path), options.threads, runtime=options.runtime)
+            tick = progress(total)
+            for job in todo:
+                try:
+                    done(job, upscale_job(runner, job, options, tick, warn))
+                except InputError as error:
+                    failed(error)
     finally:
         for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # folders we made that stayed empty
             with contextlib.suppress(OSError):
@@ -197,3 +232,61 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
         raise InputError(failures[-1].where, f"nothing upscaled ({len(failures)} input(s) unusable; last: "
                                              f"{failures[-1].problem})")
     return result
+
+
+# --------------------------------------------------------------------------- on a Ray cluster (cluster.py)
+
+
+def _ray_runner(model_path: str, threads: int, runtime: str) -> TiledRunner:
+    return TiledRunner(model_path, threads, runtime=runtime)
+
+
+def _ray_task(runner: TiledRunner, item: tuple[Job, Path | None, UpscaleOptions]) -> tuple[bytes | None, list[str], int]:
+    """A worker's share: an image's PNG bytes (the driver writes them), or a video written to the temporary
+    file the driver named (the driver renames it); (PNG or None, notes, frames)."""
+    job, temp, options = item
+    if job.video:
+        return None, [], upscale_video_into(runner, job.source, temp, options)
+    data, notes = upscaled_png(runner, job.source)
+    return data, notes, 1
+
+
+def _upscale_on_ray(todo: list[Job], model_path: Path, options: UpscaleOptions, start: Callable[[], Callable[[], None]],
+                    warn: Callable[[str], None], done: Callable[[Job, int], None],
+                    failed: Callable[[InputError], None]) -> dict:
+    """Upscale ``todo`` on Ray workers; the driver writes images and renames finished videos into place.
+    ``start()`` begins the progress once the workers are placed; returns ``cluster_description``.
+
+    A video's temporary name is fixed per target (``.NAME.ray.tmp`` beside it), so a retried task
+    rewrites the same file; whatever is left of it when the run stops is removed.
+    """
+    from dipnet_deploy.cluster import cluster_description, ray_map
+
+    temps = {job.target: job.target.with_name(f".{job.target.name}.ray.tmp") for job in todo if job.video}
+    for temp in temps.values():
+        temp.parent.mkdir(parents=True, exist_ok=True)
+    items = [(job, temps.get(job.target), options) for job in todo]
+    try:
+        with ray_map(_ray_runner, (str(model_path), options.ray.cpus_per_worker, options.runtime), _ray_task, items,
+                     lambda item: [item[0].source], options.ray) as (count, outcomes):
+            execution = cluster_description(options.ray, count)
+            tick = start()
+            for outcome in outcomes:
+                job = outcome.item[0]
+                if outcome.error is not None:
+                    failed(outcome.error)
+                    continue
+                data, notes, frames = outcome.value
+                for note in notes:
+                    warn(f"note: {job.source}: {note}")
+                if job.video:
+                    os.replace(temps[job.target], job.target)
+                else:
+                    write_bytes_atomic(job.target, data)
+                for _ in range(frames):
+                    tick()
+                done(job, frames)
+        return execution
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)

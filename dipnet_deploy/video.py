@@ -18,12 +18,24 @@ import av
 import numpy as np
 
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.imageio import check_pixel_count
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".avi": "avi"}
 DEFAULT_CODEC = "libx264"  # H.264
 WEBM_CODEC = "libvpx-vp9"  # WebM admits only VP8/VP9/AV1
 COLOUR_TAGS = ("colorspace", "color_range", "color_primaries", "color_trc")
+
+
+def check_codec(name: str) -> None:
+    """Refuse, before any work, a ``--codec`` that is not a video encoder of this PyAV's FFmpeg."""
+    try:
+        codec = av.codec.Codec(name, "w")
+    except ValueError:  # av's UnknownCodecError
+        raise InputError("--codec", f"{name!r} is not an encoder this FFmpeg has (e.g. libx264, libx265, "
+                                    "libvpx-vp9, libsvtav1)") from None
+    if codec.type != "video":
+        raise InputError("--codec", f"{name} encodes {codec.type}, not video")
 
 
 def default_codec(suffix: str) -> str:
@@ -42,10 +54,15 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
             if not reader.streams.video:
                 raise InputError(source, "has no video stream")
             video = reader.streams.video[0]
+            check_pixel_count(source, video.width, video.height)  # from the header, before any frame is decoded
             audio = list(reader.streams.audio)
             frames = 0
             with av.open(str(target), "w", format=CONTAINERS[suffix.lower()]) as writer:
-                encoder = writer.add_stream(codec, rate=video.average_rate or video.guessed_rate or 25)
+                try:
+                    encoder = writer.add_stream(codec, rate=video.average_rate or video.guessed_rate or 25)
+                except ValueError:  # PyAV's "format does not support codec"
+                    raise InputError(source, f"a {suffix} file cannot hold {codec} video; choose another --codec "
+                                             f"(default for {suffix}: {default_codec(suffix)})") from None
                 encoder.width, encoder.height = video.width * scale, video.height * scale
                 encoder.pix_fmt = "yuv420p"
                 encoder.codec_context.time_base = video.time_base
@@ -58,6 +75,9 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
                             writer.mux(packet)
                         continue
                     for frame in packet.decode():
+                        if (frame.width, frame.height) != (video.width, video.height):  # the header said otherwise
+                            raise InputError(source, f"frame {frames} is {frame.width}x{frame.height}, the stream "
+                                                     f"header says {video.width}x{video.height}")
                         if not frames:  # tag the output as the input is tagged
                             for key in COLOUR_TAGS:
                                 setattr(encoder.codec_context, key, getattr(frame, key))

@@ -80,6 +80,73 @@ def test_unreadable_image_is_skipped_by_name(folder, command, work, invoke, monk
     assert [line for line in err.splitlines() if "warning" in line and "img0.png" in line and "Permission denied" in line]
 
 
+@pytest.mark.parametrize("command", ["quantize", "compare", "upscale"])
+def test_unreadable_subfolder_is_skipped_by_name(command, work, invoke, monkeypatch):
+    """A subfolder that cannot be listed (chmod 000 for a non-root user) is named in a warning; the run goes on."""
+    data = work / ("calib" if command == "quantize" else "hr")
+    locked = data / "locked"
+    write_images(locked, 1)
+    real_scandir = os.scandir
+
+    def denied(path="."):
+        if not isinstance(path, int) and Path(path) == locked:  # (an int is a folder descriptor)
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    args = {"quantize": ["quantize", "--model", work / "m.onnx", "--calib", data, "-o", work / "q.int8.onnx"],
+            "compare": ["compare", work / "report", "--fp32", work / "m.onnx", "--data", data, "--repeats", "1"],
+            "upscale": ["upscale", data, "--model", work / "m.onnx", "-o", work / "up"]}[command]
+    code, out, err = invoke(*args, "--json")
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning: skipped") and str(locked) in line
+            and "cannot read the folder (Permission denied)" in line], err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["images_used" if command == "quantize" else "images"] == 2, summary
+
+
+def test_runtime_failure_on_one_image_skips_it_by_name(work, invoke, monkeypatch):
+    """An unexpected error while scoring one image (a runtime kernel error, say) skips that image with a
+    warning naming it; the others are scored."""
+    from dipnet_deploy import compare as compare_module
+
+    real, calls = compare_module.evaluate_image, []
+
+    def fails_on_the_second(*args):  # img0.png, then img1.png: one worker takes the sorted files in order
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION :\nkernel failed")
+        return real(*args)
+
+    monkeypatch.setattr(compare_module, "evaluate_image", fails_on_the_second)
+    code, out, err = invoke("compare", work / "report", "--fp32", work / "m.onnx", "--data", work / "hr",
+                            "--repeats", "1", "--json")
+    assert code == 0 and "Traceback" not in err, err
+    warning = [line for line in err.splitlines() if "img1.png" in line]
+    assert len(warning) == 1 and "failed to evaluate (RuntimeError" in warning[0], err
+    assert json.loads(out.strip().splitlines()[-1])["images"] == 1
+
+
+def test_pool_worker_that_cannot_start_fails_the_run_in_one_line(work):
+    """A pool initializer that raises makes multiprocessing respawn workers forever (a hang): the failure is
+    kept and raised by the first task instead, as an InputError that survives pickling."""
+    import pickle
+
+    from dipnet_deploy import compare as compare_module
+
+    (work / "broken.onnx").write_bytes(b"not onnx")
+    compare_module._init_pool_worker({"fp32": str(work / "broken.onnx")}, 1, "sr", 2, "onnxruntime")
+    try:
+        with pytest.raises(InputError) as raised:
+            compare_module._pool_score(str(work / "hr" / "img0.png"))
+    finally:
+        compare_module._POOL_SCORER = None
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    error = pickle.loads(pickle.dumps(raised.value))
+    assert (error.where, str(error)) == (str(work / "broken.onnx"), str(raised.value))
+    assert "cannot load the --fp32 model" in error.problem
+
+
 def test_five_channel_tiff_is_one_clean_refusal(tmp_path, capfd):
     import tifffile
 
@@ -470,13 +537,18 @@ ABSURD = {
     "info --height --width 1000000000": ["info", "{w}", "--height", "1000000000", "--width", "1000000000"],
     "--max-megapixels nan": ["--max-megapixels", "nan", "info", "{w}"],
     "--max-megapixels -1": ["--max-megapixels", "-1", "info", "{w}"],
+    "bench --streams 100000": ["bench", "--fp32", "{m}", "--int8", "{q}", "--streams", "100000"],
+    "bench --threads 100000": ["bench", "--fp32", "{m}", "--int8", "{q}", "--threads", "100000"],
+    "compare --workers 100000": ["compare", "{out}", "--fp32", "{m}", "--data", "{hr}", "--workers", "100000"],
+    "upscale --threads 100000": ["upscale", "{hr}", "--model", "{m}", "-o", "{out}", "--threads", "100000"],
 }
 
 
 @pytest.mark.parametrize("case", sorted(ABSURD))
 def test_absurd_sizes_refused_before_allocating(case, work, invoke):
     option = next(word for word in case.split() if word.startswith("--"))
-    args = [a.format(w=work / "w.pth", hr=work / "hr", out=work / "out.bin") for a in ABSURD[case]]
+    args = [a.format(w=work / "w.pth", hr=work / "hr", out=work / "out.bin", m=work / "m.onnx", q=work / "m.int8.onnx")
+            for a in ABSURD[case]]
     before = snapshot(work)
     refused(invoke(*args), option, before, work)
 
@@ -492,3 +564,96 @@ def test_control_characters_in_a_file_name_stay_on_one_line(name, work, invoke):
     refused((code, "", err), "not a PyTorch checkpoint", before, work)
     assert name.encode("unicode_escape").decode("ascii") in err
     path.unlink()
+
+
+# --------------------------------------------------------------------------- found by the second audit (206 cases)
+
+
+def _tiny_sr_model(path: Path) -> Path:
+    """A valid x2 SR ONNX whose 8x8 input cannot hold a 9x9 conv's halo on both sides of a tile."""
+    weight = numpy_helper.from_array(np.full((12, 3, 9, 9), 0.01, np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W"], ["c"], pads=[4, 4, 4, 4]),
+         helper.make_node("DepthToSpace", ["c"], ["output"], blocksize=2, mode="CRD")], "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 16, 16])], [weight])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("command", ["upscale", "compare"])
+def test_model_too_small_to_tile_is_one_line(command, work, invoke):
+    tiny = _tiny_sr_model(work / "tiny.onnx")
+    before = snapshot(work)
+    args = (["upscale", work / "hr", "--model", tiny, "-o", work / "out"] if command == "upscale" else
+            ["compare", work / "report", "--fp32", tiny, "--data", work / "hr", "--repeats", "1"])
+    result = invoke(*args)
+    refused(result, "tiny.onnx", before, work)
+    assert "too small to tile" in result[2]
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--device", "meta"], "--device"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", "99999999999999999999999"], "--seed"),
+    (["--batch", "100000000", "--patch", "64"], "--batch"),
+])
+def test_finetune_options_that_cannot_train_are_refused(args, option, work, invoke):
+    before = snapshot(work)
+    refused(invoke("finetune", "--checkpoint", work / "w.pth", "--data", work / "hr", "--out", work / "ft.pth",
+                   "--iters", "1", *args), option, before, work)
+
+
+def test_train_negative_seed_refused(work, invoke):
+    before = snapshot(work)
+    refused(invoke("train", "--data", work / "hr", "--out", work / "t.pth", "--seed", "-1"), "--seed", before, work)
+
+
+@pytest.mark.parametrize("command, derived", [("quantize", "q.int8.json"), ("quantize", "q.ranges.json"),
+                                              ("export", "e.json")])
+def test_derived_file_never_replaces_a_file_of_the_user(command, derived, work, invoke):
+    """The card (and the default ranges file) are named by the tool: a user's file there is refused, not replaced."""
+    (work / derived).write_text("my notes, not a model card")
+    before = snapshot(work)
+    args = (["quantize", "--model", work / "m.onnx", "--calib", work / "calib", "-o", work / "q.int8.onnx"]
+            if command == "quantize" else ["export", "--checkpoint", work / "w.pth", "-o", work / "e.onnx",
+                                            "--height", str(SIDE), "--width", str(SIDE)])
+    result = invoke(*args)
+    refused(result, derived, before, work)
+    assert "not written by dipnet-deploy" in result[2]
+    (work / derived).unlink()
+    assert invoke(*args)[0] == 0
+    assert invoke(*args)[0] == 0  # and an earlier run's own file is replaced
+
+
+def test_info_on_a_fifo_refuses_instead_of_waiting(work):
+    fifo = work / "f.pth"
+    os.mkfifo(fifo)
+    done = subprocess.run([sys.executable, "-m", "dipnet_deploy", "info", str(fifo)], capture_output=True, text=True,
+                          timeout=60, env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 2 and done.stderr.strip() == f"dipnet-deploy: error: {fifo}: not a regular file"
+
+
+@pytest.mark.parametrize("value", ["lots", "inf"])
+def test_megapixel_variable_is_named_when_it_is_bad(value, work, invoke, monkeypatch):
+    monkeypatch.setenv("DIPNET_MAX_MEGAPIXELS", value)
+    before = snapshot(work)
+    refused(invoke("info", work / "m.onnx"), "DIPNET_MAX_MEGAPIXELS", before, work)
+
+
+@pytest.mark.parametrize("command", ["compare", "upscale"])
+def test_fifo_and_dangling_link_in_a_folder_are_named(command, work, invoke):
+    os.mkfifo(work / "hr" / "f.png")
+    (work / "hr" / "d.png").symlink_to(work / "gone.png")
+    args = (["compare", work / "report", "--fp32", work / "m.onnx", "--data", work / "hr", "--repeats", "1"]
+            if command == "compare" else ["upscale", work / "hr", "--model", work / "m.onnx", "-o", work / "out"])
+    code, _, err = invoke(*args)
+    assert code == 0, err
+    assert any(line == f"warning: skipped {work / 'hr' / 'f.png'}: not a regular file" for line in err.splitlines()), err
+    assert any(line == f"warning: skipped {work / 'hr' / 'd.png'}: a link to nothing" for line in err.splitlines()), err
+
+
+def test_absurd_repeats_refused(work, invoke):
+    before = snapshot(work)
+    refused(invoke("bench", "--fp32", work / "m.onnx", "--int8", work / "m.int8.onnx", "--repeats", str(10**22)),
+            "--repeats", before, work)

@@ -165,6 +165,24 @@ def test_failed_report_leaves_the_folder_as_it_was(state, work, invoke, monkeypa
         assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
 
 
+def test_staging_folder_of_a_killed_run_is_not_foreign(work, invoke):
+    """A run killed (SIGKILL) mid-report leaves only its hidden staging folder: the next run takes the folder
+    and removes that leftover; a folder by that name holding anything else is the user's and is refused."""
+    report = work / "report"
+    orphan = report / ".dipnet-report-k1ll3d"
+    orphan.mkdir(parents=True)
+    (orphan / "psnr_per_image.png").write_bytes(b"half a figure")
+    code, _, err = invoke(*compare_args(work, report))
+    assert code == 0, err
+    assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
+
+    mine = work / "other" / ".dipnet-report-notes"
+    mine.mkdir(parents=True)
+    (mine / "todo.txt").write_text("not a report file")
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, work / "other")), str(work / "other"), before, work)
+
+
 # --------------------------------------------------------------------------- data listings skip our reports
 
 
