@@ -30,7 +30,7 @@ from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable
 from dipnet_deploy.model_stats import onnx_summary, torch_conv_macs
 from dipnet_deploy.qat import LEARNED_RANGES_KEY, attach_learned_ranges
-from dipnet_deploy.safety import refuse_collisions, refuse_foreign_files
+from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.tiling import receptive_field, smallest_tile
 
 TRACE_SIZE = 64  # small trace shape; must be large enough for ESA's strided conv + pool
@@ -125,7 +125,7 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
     output, card_path = Path(output), card_path_for(output)
     refuse_unwritable(output)
     refuse_collisions([("--output", output), ("model card", card_path)], [("--checkpoint", loaded.path)])
-    refuse_foreign_files([("model card", card_path)])
+    refuse_replacing_foreign([("fp32 model", output), ("model card", card_path)])
     started = time.perf_counter()
     model, config = loaded.model, loaded.config
     traced = trace_to_onnx(model, options.opset)

@@ -34,7 +34,7 @@ from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, silent
 from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, model_from_onnx, observe_ranges
-from dipnet_deploy.safety import refuse_collisions
+from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
 
@@ -168,6 +168,7 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     images = list_images(data, silent) + (list_images(options.val, silent) if options.val is not None else [])
     refuse_collisions([("--out", out)], [("--checkpoint", Path(checkpoint))] +
                       [("a --data/--val image", path) for path in images])
+    refuse_replacing_foreign([("checkpoint", out)])
     ensure_parent(out)
     if options.threads:
         torch.set_num_threads(options.threads)

@@ -29,7 +29,7 @@ from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
-from dipnet_deploy.safety import refuse_collisions, refuse_foreign_files
+from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 
 RANGES_FORMAT = "dipnet-deploy-ranges/1"
 LEARNED = "learned"  # --method: the ranges `finetune` learned, carried in the fp32 ONNX
@@ -372,13 +372,12 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     if calib_dir is None and ranges_path is None and not learned:
         raise InputError("--calib", "give a calibration directory or a saved --ranges file")
     calib_dir = Path(calib_dir) if calib_dir is not None else None
-    given_ranges = ranges_path is not None
     ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
     card_path = output.with_suffix(".json")
     new_ranges = calib_dir is not None or learned
     refuse_overwrites(model_path, calib_dir, ranges_path, output, card_path, new_ranges)
-    refuse_foreign_files([("model card", card_path)] + ([("ranges file", ranges_path)] if new_ranges and not given_ranges
-                                                         else []))
+    refuse_replacing_foreign([("int8 model", output), ("model card", card_path)] +
+                             ([("ranges file", ranges_path)] if new_ranges else []))
     if learned:
         document = learned_ranges_document(model_path, options)
     elif calib_dir is not None:

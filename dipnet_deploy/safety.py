@@ -4,8 +4,8 @@ Conventions:
 - two paths are the same file when ``os.path.samefile`` says so (hard and symbolic links included)
   or, when either does not exist yet, when their fully resolved paths are equal (a dangling link
   counts as its target);
-- a file the tool names itself (a model card, the default ranges file) replaces only an earlier
-  file of ours (``written_by_us``), never one of the user's;
+- an output replaces only an earlier file of ours (``written_by_us``), never one of the user's,
+  whether the user named the path or the tool derived it (a model card, the default ranges file);
 - a folder is one of our reports when it holds a ``metrics.json`` whose ``schema`` starts with
   ``METRICS_SCHEMA_PREFIX``; data listings skip such folders and ``compare`` only ever replaces
   its own files in them.
@@ -21,6 +21,7 @@ from pathlib import Path
 from dipnet_deploy.errors import InputError
 
 METRICS_SCHEMA_PREFIX = "dipnet-deploy-metrics/"
+CHECKPOINT_BYTES_LIMIT = 1 << 30  # our checkpoints are a few MB; a larger file at an output path is not ours
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -64,23 +65,57 @@ def holds_our_report(directory: str | Path) -> bool:
 
 
 def written_by_us(path: str | Path) -> bool:
-    """Whether ``path`` is a JSON file of ours (a model card or ranges file: its ``tool`` names dipnet-deploy)."""
+    """Whether the existing file ``path`` is one dipnet-deploy wrote: a JSON of ours (a model card,
+    a ranges file: its ``tool`` names dipnet-deploy), an ONNX whose card beside it records its
+    sha256, or a ``train``/``finetune`` checkpoint."""
+    path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        card = _our_json(path.with_suffix(".json"))
+        return card is not None and card.get("onnx_sha256") == _sha256(path)
+    if path.suffix.lower() in (".pth", ".pt"):
+        return _our_checkpoint(path)
+    return _our_json(path) is not None
+
+
+def refuse_replacing_foreign(outputs: Iterable[tuple[str, Path]]) -> None:
+    """Refuse, before any work, an output path that holds a file dipnet-deploy did not write.
+
+    ``outputs``: (role, path) pairs. An earlier run's own file is replaced (re-running a stage works);
+    a file of the user's that happens to be there is never touched.
+    """
+    for role, path in outputs:
+        path = Path(path)
+        if (path.exists() or path.is_symlink()) and not written_by_us(path):
+            raise InputError(path, f"exists and was not written by dipnet-deploy; refusing to replace it with the "
+                                   f"{role} (move or delete it first, or choose another path)")
+
+
+def _our_json(path: Path) -> dict | None:
     try:
         with open(path, "rb") as handle:
             document = json.loads(handle.read(1 << 24))  # our cards and ranges files are small
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ours = isinstance(document, dict) and str(document.get("tool", "")).startswith("dipnet-deploy")
+    return document if ours else None
+
+
+def _sha256(path: Path) -> str | None:
+    from dipnet_deploy.fileio import sha256_file
+
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None
+
+
+def _our_checkpoint(path: Path) -> bool:
+    import torch
+
+    try:
+        if not path.is_file() or path.stat().st_size > CHECKPOINT_BYTES_LIMIT:
+            return False
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a foreign or damaged file: not ours
         return False
-    return isinstance(document, dict) and str(document.get("tool", "")).startswith("dipnet-deploy")
-
-
-def refuse_foreign_files(derived: Iterable[tuple[str, Path]]) -> None:
-    """Refuse to replace an existing file the user did not name and we did not write.
-
-    ``derived``: (role, path) of outputs whose names the tool chose (a model card beside the model,
-    the default ranges file): such a path may hold an earlier run's file, never a file of the user's.
-    """
-    for role, path in derived:
-        path = Path(path)
-        if (path.exists() or path.is_symlink()) and not written_by_us(path):
-            raise InputError(path, f"exists and was not written by dipnet-deploy; the {role} would replace it "
-                                   "(move that file, or choose another --output)")
+    return isinstance(data, dict) and {"params", "iter", "config", "schedule"} <= data.keys()

@@ -29,7 +29,7 @@ from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, read_rgb8, silent
-from dipnet_deploy.safety import refuse_collisions
+from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
 
 ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least one pixel
@@ -292,6 +292,7 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
     # --out may be --resume (a run continues its own checkpoint) but never one of the images it reads
     images = list_images(cfg.data, silent) + (list_images(cfg.val, silent) if cfg.val is not None else [])
     refuse_collisions([("--out", cfg.out)], [("a --data/--val image", path) for path in images])
+    refuse_replacing_foreign([("checkpoint", cfg.out)])
     ensure_parent(cfg.out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -609,21 +609,35 @@ def test_train_negative_seed_refused(work, invoke):
     refused(invoke("train", "--data", work / "hr", "--out", work / "t.pth", "--seed", "-1"), "--seed", before, work)
 
 
-@pytest.mark.parametrize("command, derived", [("quantize", "q.int8.json"), ("quantize", "q.ranges.json"),
-                                              ("export", "e.json")])
-def test_derived_file_never_replaces_a_file_of_the_user(command, derived, work, invoke):
-    """The card (and the default ranges file) are named by the tool: a user's file there is refused, not replaced."""
-    (work / derived).write_text("my notes, not a model card")
+QUANTIZE_TO_Q = ["quantize", "--model", "{m}", "--calib", "{calib}", "-o", "{q}"]
+EXPORT_TO_E = ["export", "--checkpoint", "{w}", "-o", "{e}", "--height", str(SIDE), "--width", str(SIDE)]
+FOREIGN_AT_AN_OUTPUT = {  # (the user's file there, the command)
+    "quantize card (derived)": ("q.int8.json", QUANTIZE_TO_Q),
+    "quantize ranges (derived)": ("q.ranges.json", QUANTIZE_TO_Q),
+    "quantize --output": ("q.int8.onnx", QUANTIZE_TO_Q),
+    "quantize --ranges": ("notes.txt", [*QUANTIZE_TO_Q, "--ranges", "{work}/notes.txt"]),
+    "export card (derived)": ("e.json", EXPORT_TO_E),
+    "export --output": ("e.onnx", EXPORT_TO_E),
+    "train --out": ("t.pth", ["train", "--data", "{hr}", "--out", "{t}", "--iters", "1", "--batch", "1", "--patch",
+                              "16", "--expansion", "8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FOREIGN_AT_AN_OUTPUT))
+def test_an_output_never_replaces_a_file_of_the_user(case, work, invoke):
+    """Named by the user or derived by the tool, an output path holding a file dipnet-deploy did not write is
+    refused; once that file is gone, the command runs, and a second run replaces its own files."""
+    name, template = FOREIGN_AT_AN_OUTPUT[case]
+    args = [a.format(m=work / "m.onnx", calib=work / "calib", q=work / "q.int8.onnx", w=work / "w.pth",
+                     e=work / "e.onnx", hr=work / "hr", t=work / "t.pth", work=work) for a in template]
+    (work / name).write_text("my notes, not anything of dipnet-deploy's")
     before = snapshot(work)
-    args = (["quantize", "--model", work / "m.onnx", "--calib", work / "calib", "-o", work / "q.int8.onnx"]
-            if command == "quantize" else ["export", "--checkpoint", work / "w.pth", "-o", work / "e.onnx",
-                                            "--height", str(SIDE), "--width", str(SIDE)])
     result = invoke(*args)
-    refused(result, derived, before, work)
+    refused(result, name, before, work)
     assert "not written by dipnet-deploy" in result[2]
-    (work / derived).unlink()
+    (work / name).unlink()
     assert invoke(*args)[0] == 0
-    assert invoke(*args)[0] == 0  # and an earlier run's own file is replaced
+    assert invoke(*args)[0] == 0
 
 
 def test_info_on_a_fifo_refuses_instead_of_waiting(work):
