@@ -6,7 +6,7 @@ For every activation QuantizeLinear -> DequantizeLinear pair of an int8 QDQ mode
   x the same tensor with every activation left in float (the int8 graph without its activation
   Q/DQ pairs: its weights are those the int8 model holds, so activation equalization and weight
   rounding are not counted as noise), over the first tile of each image (the input the model
-  sees). The tensors are read a memory budget at a time (``calibrate.group_by_budget``), so 1080p
+  sees). The tensors are read a memory budget at a time (``range_graphs.group_by_budget``), so 1080p
   models never hold more than the budget of activations.
 - ``psnr_y_gain_db``: the comparison's mean PSNR-Y of the int8 model with only that pair removed
   (its consumers read the float tensor: ``float_fallback``) minus the int8 model's.
@@ -26,8 +26,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from dipnet_deploy.calibrate import PASS2_BUDGET_BYTES, group_by_budget, session, tensor_shapes, values_model
+from dipnet_deploy.calibrate import PASS2_BUDGET_BYTES
 from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.range_graphs import group_by_budget, session, tensor_shapes, values_model
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
 

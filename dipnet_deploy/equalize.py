@@ -148,6 +148,12 @@ def equalization_scales(model: onnx.ModelProto, spaces: list[ChannelSpace], low:
     return scales
 
 
+def equalize_with(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` rescaled by ``scales`` (channel space key -> factors): the one place a model is equalized,
+    whether the factors were just computed (``calibrate``) or read back from a ranges file (``quantize``)."""
+    return apply_equalization(model, channel_spaces(model), scales)
+
+
 def apply_equalization(model: onnx.ModelProto, spaces: list[ChannelSpace], scales: dict[str, np.ndarray]) -> onnx.ModelProto:
     """A copy of ``model`` with each space's channels multiplied by its factors (same function)."""
     equalized = onnx.ModelProto()

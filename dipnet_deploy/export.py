@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +42,6 @@ class ExportOptions:
     width: int = 1920
     opset: int = 17
     simplify: bool = True
-    verify: bool = True
 
 
 @dataclass
@@ -143,8 +141,8 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
             raise InputError(loaded.path, f"its learned ranges do not fit the exported graph ({error.args[0]})") from None
     onnx.checker.check_model(graph, full_check=True)
     onnx_bytes = graph.SerializeToString()
-    ort_diff = ort_max_abs_diff(onnx_bytes, model, options.height, options.width) if options.verify else None
-    if ort_diff is not None and not ort_diff <= ORT_TOLERANCE:
+    ort_diff = ort_max_abs_diff(onnx_bytes, model, options.height, options.width)
+    if not ort_diff <= ORT_TOLERANCE:
         raise RuntimeError(f"onnxruntime output differs from PyTorch by {ort_diff:.3g} (> {ORT_TOLERANCE})")
     summary = onnx_summary(graph)
     card = {
@@ -178,8 +176,3 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
         card_temp.write_bytes(json_bytes(card))
     card["seconds"] = round(time.perf_counter() - started, 2)
     return ExportResult(output, card_path, card)
-
-
-def read_card(onnx_path: str | Path) -> dict | None:
-    path = card_path_for(onnx_path)
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -25,15 +25,16 @@ import onnx
 import torch
 
 from dipnet_deploy.archs.dipnet_arch import DIPNet
-from dipnet_deploy.calibrate import channel_ranges, tensor_shapes
+from dipnet_deploy.calibrate import channel_ranges
 from dipnet_deploy.checkpoint import LoadedCheckpoint, load_checkpoint, load_file
 from dipnet_deploy.config import refuse_beyond_memory
-from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales
+from dipnet_deploy.equalize import channel_spaces, equalization_scales, equalize_with
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_onnx
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, silent
 from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, model_from_onnx, observe_ranges
+from dipnet_deploy.range_graphs import tensor_shapes
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
@@ -131,7 +132,7 @@ def equalized_start(model: DIPNet, images: list[np.ndarray]) -> DIPNet:
     shapes = tensor_shapes(onnx.shape_inference.infer_shapes(pinned, data_prop=True))
     low, high = channel_ranges(traced, images, shapes=shapes)
     spaces = channel_spaces(traced)
-    return model_from_onnx(apply_equalization(traced, spaces, equalization_scales(traced, spaces, low, high)))
+    return model_from_onnx(equalize_with(traced, equalization_scales(traced, spaces, low, high)))
 
 
 def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet) -> dict:

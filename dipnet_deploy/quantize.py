@@ -20,15 +20,17 @@ import numpy as np
 import onnx
 
 from dipnet_deploy import __version__
-from dipnet_deploy.calibrate import OBSERVERS, calibrate, float_tensors, make_observer
-from dipnet_deploy.equalize import MAX_SCALE, apply_equalization, channel_spaces
+from dipnet_deploy.calibrate import calibrate
+from dipnet_deploy.equalize import MAX_SCALE, channel_spaces, equalize_with
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, silent
 from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.model_stats import onnx_summary
+from dipnet_deploy.observers import OBSERVERS, make_observer
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
+from dipnet_deploy.range_graphs import float_tensors
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 
 RANGES_FORMAT = "dipnet-deploy-ranges/1"
@@ -155,8 +157,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
                             symmetric_activations=options.symmetric_activations)
     parameters = observer.parameters()
     if auto:
-        equalized = apply_equalization(model, channel_spaces(model), calibration.scales)
-        calibration.ranges |= refine_ranges(equalized, calibration.ranges, np.concatenate(list(inputs)),
+        calibration.ranges |= refine_ranges(calibration.model, calibration.ranges, np.concatenate(list(inputs)),
                                             options.auto, progress)
         parameters = auto_parameters(options.auto)
     document = ranges_header(model_path, shape, options.method, parameters) | {
@@ -278,7 +279,7 @@ def equalized_model(model_path: Path, document: dict, document_path: Path) -> on
             factors[key].shape != (count,) or not np.all(np.isfinite(factors[key]) & (factors[key] > 0))
             for key, count in channels.items()):
         raise InputError(document_path, "its equalization factors do not fit this model's channel spaces")
-    return apply_equalization(model, spaces, factors)
+    return equalize_with(model, factors)
 
 
 def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path, options: QuantizeOptions) -> None:

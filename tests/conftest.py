@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model
-from dipnet_deploy.calibrate import float_tensors, values_model
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.range_graphs import float_tensors, values_model
 
 SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 OFFICIAL_X4 = SHARED / "weights" / "dipnet_official_x4.pth"

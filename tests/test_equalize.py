@@ -11,13 +11,14 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from dipnet_deploy.calibrate import channel_ranges, float_tensors, values_model
+from dipnet_deploy.calibrate import channel_ranges
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales, equalized_channel_ranges
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.metrics import psnr
 from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, default_calibration_dir, quantize
+from dipnet_deploy.range_graphs import float_tensors, values_model
 
 from .conftest import EVAL, need, whole_image_ranges
 

@@ -10,22 +10,14 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dipnet_deploy.calibrate import (
-    EntropyObserver,
-    MaxObserver,
-    MseObserver,
-    PercentileObserver,
-    calibrate,
-    channel_ranges,
-    derived_ranges,
-    float_tensors,
-    values_model,
-)
+from dipnet_deploy.calibrate import calibrate, channel_ranges
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.metrics import psnr
+from dipnet_deploy.observers import EntropyObserver, MaxObserver, MseObserver, PercentileObserver
 from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, quantize
+from dipnet_deploy.range_graphs import derived_ranges, float_tensors, values_model
 
 from .conftest import CALIBRATION, EVAL, TRAIN, need, random_train_model, whole_image_ranges
 
