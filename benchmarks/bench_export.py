@@ -11,7 +11,7 @@ import tempfile
 
 from _measure import measure
 
-from dipnet_deploy.cli import PACKAGED_WEIGHTS
+from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
+from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
-from dipnet_deploy.cli import PACKAGED_WEIGHTS
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess

@@ -20,9 +20,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.bench import BenchOptions, bench
 from dipnet_deploy.imageio import list_images, read_rgb8
-from dipnet_deploy.quantize import default_calibration_dir, default_int8_path
+from dipnet_deploy.quantize import default_calibration_dir
 from dipnet_deploy.upscale import UpscaleOptions, upscale
 from dipnet_deploy.video import write_clip
 

@@ -11,12 +11,12 @@ from pathlib import Path
 import click
 
 from dipnet_deploy import __version__
+from dipnet_deploy.artifacts import DEFAULT_FP32, DEFAULT_INT8, default_checkpoint, default_fp32_path, default_int8_path
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import json_text
 from dipnet_deploy.runtime import RUNTIMES
 
-PACKAGED_WEIGHTS = Path(__file__).parent / "weights" / "dipnet_x2.pth"
 QUANTIZE_METHODS = ["max", "percentile", "entropy", "mse", "auto", "learned"]  # quantize.METHODS, without importing onnx here
 FINETUNE_TARGETS = ["gt", "teacher", "mix"]  # finetune.TARGETS
 
@@ -55,6 +55,10 @@ def run() -> None:
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt; outputs are written atomically, so none is partial
         click.echo("dipnet-deploy: interrupted", err=True)
         sys.exit(130)
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print a one-line JSON summary (strict JSON) as the last line of stdout.")
 
 
 def emit_json(summary: dict) -> None:
@@ -101,11 +105,9 @@ def main(max_megapixels: float | None) -> None:
 
 
 def _checkpoint_or_default(checkpoint: Path | None) -> Path:
-    if checkpoint is not None:
-        return checkpoint
-    if PACKAGED_WEIGHTS.is_file():
-        return PACKAGED_WEIGHTS
-    raise InputError("--checkpoint", "required (no packaged default weights in this installation)")
+    if (path := default_checkpoint(checkpoint)) is None:
+        raise InputError("--checkpoint", "required (no packaged default weights in this installation)")
+    return path
 
 
 @main.command()
@@ -126,7 +128,7 @@ def _checkpoint_or_default(checkpoint: Path | None) -> Path:
               help="Where to write the .onnx (model card: same name, .json). "
                    "Default: build/dipnet_x{scale}_{H}x{W}.onnx")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim (keeps shape-computing nodes).")
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def export(checkpoint, preset, feature_channels, mid_channels, upscale, esa, height, width, opset, output,
            no_simplify, as_json):
@@ -142,7 +144,7 @@ def export(checkpoint, preset, feature_channels, mid_channels, upscale, esa, hei
 
     loaded = load_checkpoint(_checkpoint_or_default(checkpoint), preset, feature_channels=feature_channels,
                              mid_channels=mid_channels, upscale=upscale, esa=esa)
-    output = output or Path("build") / f"dipnet_x{loaded.config.upscale}_{height}x{width}.onnx"
+    output = output or default_fp32_path(loaded.config.upscale, height, width)
     if loaded.training_form:
         click.echo(f"folded training-form checkpoint ({loaded.source}); fold max|diff| {loaded.fold_max_abs_diff:.2e}")
     result = run_export(loaded, output, ExportOptions(height, width, opset, not no_simplify))
@@ -162,7 +164,7 @@ def export(checkpoint, preset, feature_channels, mid_channels, upscale, esa, hei
               help="Input height for a checkpoint's MAC count.")
 @click.option("--width", type=click.IntRange(1), default=1920, show_default=True,
               help="Input width for a checkpoint's MAC count.")
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def info(path, height, width, as_json):
     """Describe a checkpoint (.pth) or an ONNX model: params, MACs, shapes, ops."""
@@ -225,7 +227,7 @@ class IterationBar:
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed for weights init and batches.")
 @click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, val_every, save_every, out, resume, seed,
           threads, as_json):
@@ -289,7 +291,7 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 @click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
 @click.option("--device", default="cpu", show_default=True,
               help="Torch device to train on, e.g. cuda (the checkpoint is the same either way).")
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, target, loss, val, val_every, save_every, out,
              resume, seed, threads, device, as_json):
@@ -338,7 +340,7 @@ def _progress_bar(iterable, desc: str):
 
 @main.command()
 @click.option("--model", type=click.Path(path_type=Path, dir_okay=False),
-              default=Path("build/dipnet_x2_1080x1920.onnx"), show_default=True,
+              default=DEFAULT_FP32, show_default=True,
               help="The fp32 ONNX written by `export`.")
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration images (png, jpg, bmp, tif, webp; recursive, sorted by path). "
@@ -367,7 +369,7 @@ def _progress_bar(iterable, desc: str):
                    "fills its tensor's observed range: less int8 rounding noise, no range grows. "
                    "--no-equalize quantizes the graph as exported (what stock quantize_static does). "
                    "Default: on, except with --method learned. With --ranges alone, the saved file decides.")
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
              as_json):
@@ -430,7 +432,7 @@ def ray_options(command):
 @main.command()
 @click.argument("report_dir", type=click.Path(path_type=Path), default=Path("report"), required=False)
 @click.option("--fp32", "fp32_path", type=click.Path(path_type=Path, dir_okay=False),
-              default=Path("build/dipnet_x2_1080x1920.onnx"), show_default=True, help="fp32 ONNX from `export`.")
+              default=DEFAULT_FP32, show_default=True, help="fp32 ONNX from `export`.")
 @click.option("--int8", "int8_path", type=click.Path(path_type=Path, dir_okay=False),
               help="int8 ONNX from `quantize`. Default: the fp32 path with .int8.onnx when that file exists; "
                    "without one, only fp32 and bicubic are measured.")
@@ -450,7 +452,7 @@ def ray_options(command):
                    "with only that tensor in float (one more pass over the data per tensor; metrics.json "
                    "int8_diagnosis, a Diagnosis section in the report).")
 @ray_options
-@click.option("--json", "as_json", is_flag=True, help="Print the headline numbers as one JSON line, last.")
+@json_option
 @user_errors
 def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, repeats, runtime, diagnose, ray,
             as_json):
@@ -507,7 +509,7 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path, dir_okay=False),
-              default=Path("build/dipnet_x2_1080x1920.int8.onnx"), show_default=True,
+              default=DEFAULT_INT8, show_default=True,
               help="Fixed-shape SR ONNX (int8 from `quantize` or fp32 from `export`).")
 @click.option("--output", "-o", type=click.Path(path_type=Path, file_okay=False), required=True,
               help="Folder to write into (created; must not be inside an input folder).")
@@ -519,7 +521,7 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
               help="Video quality: the encoder's constant rate factor (lower is better and larger).")
 @click.option("--overwrite", is_flag=True, help="Replace outputs that exist (default: skip them with a warning).")
 @ray_options
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, ray, as_json):
     """Upscale images and videos (files or folders) with the deployed model.
@@ -557,7 +559,7 @@ def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, ray,
 
 @main.command()
 @click.option("--fp32", "fp32_path", type=click.Path(path_type=Path, dir_okay=False),
-              default=Path("build/dipnet_x2_1080x1920.onnx"), show_default=True, help="fp32 ONNX from `export`.")
+              default=DEFAULT_FP32, show_default=True, help="fp32 ONNX from `export`.")
 @click.option("--int8", "int8_path", type=click.Path(path_type=Path, dir_okay=False),
               help="int8 ONNX from `quantize`. Default: the fp32 path with .int8.onnx.")
 @click.option("--runtime", "runtimes", type=click.Choice(RUNTIMES), multiple=True,
@@ -569,7 +571,7 @@ def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, ray,
 @click.option("--streams", type=click.IntRange(0),
               help="Parallel streams for the throughput, each with cores / N threads (default: one per core; "
                    "0 skips the throughput).")
-@click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+@json_option
 @user_errors
 def bench(fp32_path, int8_path, runtimes, repeats, threads, streams, as_json):
     """Latency of fp32 and int8 per 1080p-equivalent frame, int8 speed-up, and throughput.
@@ -580,8 +582,6 @@ def bench(fp32_path, int8_path, runtimes, repeats, threads, streams, as_json):
     """
     from dipnet_deploy.bench import BenchOptions
     from dipnet_deploy.bench import bench as run_bench
-    from dipnet_deploy.quantize import default_int8_path
-
     int8_path = int8_path or default_int8_path(fp32_path)
     summary = run_bench(fp32_path, int8_path, BenchOptions(runtimes or ("onnxruntime",), repeats, threads, streams),
                         progress=lambda message: click.echo(f"bench: {message}", err=True))

@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
@@ -227,8 +228,6 @@ def measure_latency(runners: dict[str, TiledRunner], repeats: int) -> dict:
 
 def default_int8_for(fp32_path: Path) -> Path | None:
     """The int8 model `quantize` writes beside ``fp32_path`` by default, when it exists."""
-    from dipnet_deploy.quantize import default_int8_path
-
     candidate = default_int8_path(Path(fp32_path))
     return candidate if candidate.is_file() else None
 

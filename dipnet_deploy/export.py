@@ -23,6 +23,7 @@ import torch
 
 from dipnet_deploy import __version__
 from dipnet_deploy.archs.dipnet_arch import count_params
+from dipnet_deploy.artifacts import card_path_for
 from dipnet_deploy.checkpoint import LoadedCheckpoint
 from dipnet_deploy.config import refuse_beyond_memory
 from dipnet_deploy.errors import InputError
@@ -49,11 +50,6 @@ class ExportResult:
     onnx_path: Path
     card_path: Path
     card: dict = field(default_factory=dict)
-
-
-def card_path_for(onnx_path: str | Path) -> Path:
-    onnx_path = Path(onnx_path)
-    return onnx_path.with_suffix(".json")
 
 
 def trace_to_onnx(model: torch.nn.Module, opset: int) -> onnx.ModelProto:

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from dipnet_deploy import __version__
+from dipnet_deploy.artifacts import card_path_for, default_int8_path, default_ranges_path
 from dipnet_deploy.calibrate import calibrate
 from dipnet_deploy.equalize import MAX_SCALE, channel_spaces, equalize_with
 from dipnet_deploy.errors import InputError
@@ -63,14 +64,6 @@ def default_calibration_dir() -> Path:
     """The project's calibration/ set: beside the package in a checkout, else ./calibration."""
     beside_package = Path(__file__).resolve().parent.parent / "calibration"
     return beside_package if beside_package.is_dir() else Path("calibration")
-
-
-def default_int8_path(fp32_path: Path) -> Path:
-    return fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
-
-
-def default_ranges_path(int8_path: Path) -> Path:
-    return int8_path.with_name(f"{int8_path.stem.removesuffix('.int8')}.ranges.json")
 
 
 def check_fp32_model(path: Path) -> tuple[onnx.ModelProto, list[int]]:
@@ -374,7 +367,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         raise InputError("--calib", "give a calibration directory or a saved --ranges file")
     calib_dir = Path(calib_dir) if calib_dir is not None else None
     ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
-    card_path = output.with_suffix(".json")
+    card_path = card_path_for(output)
     new_ranges = calib_dir is not None or learned
     refuse_overwrites(model_path, calib_dir, ranges_path, output, card_path, new_ranges)
     refuse_replacing_foreign([("int8 model", output), ("model card", card_path)] +

@@ -11,8 +11,8 @@ import torch
 from onnx import numpy_helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp
 
+from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
-from dipnet_deploy.cli import PACKAGED_WEIGHTS
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess

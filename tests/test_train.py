@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
-from dipnet_deploy.cli import PACKAGED_WEIGHTS
 from dipnet_deploy.imageio import list_images, read_rgb8
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
-from dipnet_deploy.cli import PACKAGED_WEIGHTS
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.sr_protocol import run_torch_whole
