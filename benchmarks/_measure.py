@@ -1,11 +1,20 @@
-"""Benchmark helpers: run a snippet in a fresh process (wall time, peak RSS); describe a loss."""
+"""Benchmark helpers: the ../shared folder; run a snippet in a fresh process (wall time, peak RSS); describe a
+loss; stock quantize_static as the peer int8 route."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+
+SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 FOOTER = """
 import json as _json, resource as _resource, time as _time
@@ -30,3 +39,20 @@ def ground_truth_line(means: dict) -> str:
     psnr, ssim = means["psnr_y"], means["ssim_y"]
     return (f"fp32 {psnr['fp32']:.3f} dB, int8 {psnr['int8']:.3f} dB (loss {psnr['fp32'] - psnr['int8']:.3f}), "
             f"SSIM-Y fp32 {ssim['fp32']:.4f} int8 {ssim['int8']:.4f}, bicubic {psnr['bicubic']:.2f}")
+
+
+def stock_minmax(fp32: Path, calib: Path, output: Path, height: int, width: int) -> Path:
+    """Stock onnxruntime quantize_static (MinMax, per-channel int8 weights, uint8 activations, QDQ) of ``fp32``,
+    calibrated on the photos of ``calib`` seed-preprocessed to ``height`` x ``width``."""
+    files = list_images(calib)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(fp32), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return output

@@ -11,18 +11,15 @@ truth, and int8-vs-fp32 PSNR (RGB) with the largest pixel difference.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from _measure import ground_truth_line
+from _measure import SHARED, ground_truth_line
 
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir, quantize, select_images
-
-SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def main() -> None:

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from _measure import SHARED, stock_minmax
 
 from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
@@ -34,7 +33,6 @@ from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.quantize import QuantizeOptions, quantize
 
-SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 VARIANTS = {"x2": (PACKAGED_WEIGHTS, 540, 960), "x4": (SHARED / "weights" / "dipnet_official_x4.pth", 270, 480)}
 SETS = ("Set5", "Set14", "BSD68")
 
@@ -51,21 +49,6 @@ def calibration_photos(work: Path, count: int) -> Path:
 
 def seed_inputs(calib: Path, height: int, width: int) -> list[dict]:
     return [{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in list_images(calib)]
-
-
-def stock_minmax(fp32: Path, calib: Path, output: Path, height: int, width: int) -> Path:
-    inputs = seed_inputs(calib, height, width)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter(inputs)
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(fp32), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return output
 
 
 def nncf_int8(fp32: Path, calib: Path, output: Path, height: int, width: int) -> Path | None:

@@ -12,15 +12,13 @@ of fp32 and the int8 models.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from _measure import ground_truth_line
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from _measure import SHARED, ground_truth_line, stock_minmax
 
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.compare import CompareOptions, compare, means
@@ -28,8 +26,6 @@ from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
 from dipnet_deploy.metrics import psnr
 from dipnet_deploy.quantize import QuantizeOptions, quantize
-
-SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def calibration_subset(work: Path, offset: int) -> Path:
@@ -40,21 +36,6 @@ def calibration_subset(work: Path, offset: int) -> Path:
     for path in train[offset :: len(train) // 4][:4]:
         shutil.copy(path, calib / path.name)
     return calib
-
-
-def stock_minmax(fp32: Path, calib: Path, output: Path, height: int, width: int) -> Path:
-    files = list_images(calib)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(fp32), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return output
 
 
 def main() -> None:

@@ -11,13 +11,10 @@ quantize_static (MinMax, per channel, QDQ) on 1 image, and fp32 vs int8 latency 
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
-from _measure import measure
-
-SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from _measure import SHARED, measure
 
 
 def main() -> None:

@@ -12,10 +12,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _measure import SHARED
 
 from dipnet_deploy.train import TrainConfig, train
-
-SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def main() -> None:

@@ -27,6 +27,9 @@ from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runti
 
 @dataclass
 class BenchOptions:
+    """Settings of ``bench``: runtimes (``runtime.RUNTIMES``, measured side by side; ratios are to the first
+    one's fp32), repeats (timed forwards per model, median), threads and streams (below)."""
+
     runtimes: tuple[str, ...] = ("onnxruntime",)
     repeats: int = 5
     threads: int | None = None  # per forward for the latency; None: all cores

@@ -42,6 +42,15 @@ PROTOCOLS = ("sr", "seed")
 
 @dataclass
 class CompareOptions:
+    """Settings of ``compare``.
+
+    protocol: "sr" (BasicSR: MATLAB bicubic LR, Y and RGB, crop = scale, tiles) or "seed" (the vendor's
+        bilinear resize to the model input, RGB, no crop); see the module docstring.
+    limit: at most this many HR images (sorted by path); None: all.
+    workers: local processes scoring images, each with cores / workers threads.
+    latency_repeats: timed forwards per model; the latency is their median, per 1080p-equivalent frame.
+    """
+
     protocol: str = "sr"
     limit: int | None = None
     workers: int = 1
@@ -70,6 +79,9 @@ class Comparison:
     receptive_field: dict = field(default_factory=dict)
     int8_origin: dict | None = None  # from the int8 model card: its method and the fp32 ONNX it was made from
     diagnosis: list[dict] | None = None  # diagnose.diagnose: one entry per quantized activation
+    mean: dict = field(default_factory=dict)  # metric -> model -> mean over the rows
+    worst: dict = field(default_factory=dict)  # the row of the image int8 hurts most (without int8: gains least)
+    worst_images: dict[str, np.ndarray] = field(default_factory=dict)  # that image: hr, bicubic, fp32, int8 (RGB)
     execution: dict = field(default_factory=dict)  # what scored the images: local, processes or a Ray cluster
 
 
@@ -236,6 +248,15 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
             progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it,
             warn: Callable[[str], None] = print,
             diagnose_progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it) -> Comparison:
+    """Score ``fp32_path`` (and ``int8_path``, and bicubic) on the HR images under ``data_dir``.
+
+    Returns everything the report shows: one row per usable image (PSNR/SSIM on Y and RGB in dB and
+    [0, 1], per model; int8's drop and fidelity), their means, the worst image's row and pictures,
+    the latency of one forward per 1080p-equivalent frame on this machine, and with ``diagnose``
+    the per-tensor diagnosis. ``progress(iterable, total)`` wraps the loop over images; ``warn``
+    gets one line per skipped image or conversion note. Raises InputError for unusable models,
+    options or data.
+    """
     if options.protocol not in PROTOCOLS:
         raise InputError("--protocol", f"unknown protocol {options.protocol!r}")
     if options.diagnose and not int8_path:
@@ -276,6 +297,10 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     comparison.receptive_field = {"radius": field_.radius, "local": field_.local,
                                   "halo": next(iter(runners.values())).halo}
     comparison.latency = measure_latency(runners, options.latency_repeats)
+    comparison.mean = means(comparison.rows)
+    comparison.worst = worst_image(comparison)
+    worst_hr, _ = read_rgb8(comparison.worst["image"])  # rows keep only numbers: its pictures again, for the report
+    comparison.worst_images = evaluate_image(worst_hr, runners, options.protocol, fp32.scale)["images"]
     if options.diagnose:
         from dipnet_deploy.diagnose import diagnose
 
@@ -325,12 +350,3 @@ def worst_image(comparison: Comparison) -> dict:
     if key == "drop_psnr_y":
         return max(comparison.rows, key=lambda r: r["drop_psnr_y"])
     return min(comparison.rows, key=lambda r: r["psnr_y"]["fp32"] - r["psnr_y"]["bicubic"])
-
-
-def reproduce_images(comparison: Comparison, row: dict) -> dict:
-    """Re-run one image to get its pictures for the report (rows keep only numbers)."""
-    runtime = comparison.latency.get("runtime", "onnxruntime")
-    runners = {name: TiledRunner(str(info.path), runtime=runtime) for name, info in comparison.models.items()}
-    hr, _ = read_rgb8(row["image"])
-    return evaluate_image(hr, runners, comparison.protocol, comparison.models["fp32"].scale)["images"]
-

@@ -39,6 +39,14 @@ ORT_TOLERANCE = 1e-4
 
 @dataclass
 class ExportOptions:
+    """Settings of ``export``.
+
+    height, width: the fixed input shape in pixels (the ONNX input is 1x3xHxW float32 RGB in [0, 1];
+        the output is 1x3x(rH)x(rW) for scale r).
+    opset: ONNX opset of the graph (11-21).
+    simplify: run onnxsim (removes shape-computing nodes; the graph stays numerically the same).
+    """
+
     height: int = 1080
     width: int = 1920
     opset: int = 17

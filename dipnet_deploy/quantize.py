@@ -43,6 +43,19 @@ MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
 
 @dataclass
 class QuantizeOptions:
+    """Settings of ``quantize``.
+
+    method: how activation ranges are chosen: an ``observers.OBSERVERS`` name ("max", "percentile",
+        "entropy", "mse"), "auto" (max, then refined for the output through the ``qat`` twin: ``ptq``)
+        or "learned" (the ranges a ``finetune`` checkpoint carried into the ONNX; no calibration).
+    percentile: kept percentile of each tensor's values for "percentile" (in (50, 100]).
+    per_channel: int8 weights per output channel (else per tensor); always symmetric.
+    symmetric_activations: int8 symmetric activations (else uint8 asymmetric, the default).
+    limit: at most this many calibration images (sorted by path); None: all.
+    equalize: rescale channels before quantizing (``equalize.py``; the same function in float).
+    auto: the refinement of "auto".
+    """
+
     method: str = "max"
     percentile: float = 99.999
     per_channel: bool = True

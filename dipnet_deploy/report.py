@@ -29,7 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dipnet_deploy import __version__  # noqa: E402
-from dipnet_deploy.compare import METRICS, Comparison, means, reproduce_images, worst_image  # noqa: E402
+from dipnet_deploy.compare import METRICS, Comparison  # noqa: E402
 from dipnet_deploy.errors import InputError  # noqa: E402
 from dipnet_deploy.fileio import json_bytes, refuse_unwritable  # noqa: E402
 from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, holds_our_report, refuse_collisions  # noqa: E402
@@ -52,7 +52,7 @@ def metrics_document(comparison: Comparison) -> dict:
         "receptive_field": comparison.receptive_field,
         "int8_origin": comparison.int8_origin,
         "count": len(rows),
-        "mean": means(rows),
+        "mean": comparison.mean,
         "images": rows,
         "latency": comparison.latency,
         "execution": comparison.execution,
@@ -289,8 +289,7 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
     finished = False
     try:
         document = metrics_document(comparison)
-        worst = worst_image(comparison)
-        images = reproduce_images(comparison, worst)
+        worst, images = comparison.worst, comparison.worst_images
         _psnr_chart(comparison.rows, staging / "psnr_per_image.png")
         worst_name = Path(worst["image"]).name
         caption = (f"{worst_name}: largest int8 drop ({worst['drop_psnr_y']:.2f} dB PSNR-Y)"

@@ -37,6 +37,19 @@ ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least o
 
 @dataclass
 class TrainConfig:
+    """Settings of ``train`` (paths included: data, out, val, resume).
+
+    data: folder of HR images; LR is their MATLAB bicubic x1/scale (uint8), made once in memory.
+    out: the checkpoint written every ``save_every`` iterations and at the end (BasicSR layout).
+    preset, expansion: the model variant (``config.PRESETS``) and the RRFB expansion width override.
+    iters, batch, patch: iterations, patches per iteration, HR patch side in pixels.
+    lr, lr_min: Adam's peak and final learning rate (cosine decay over ``iters``); loss: "l1" or "mse".
+    restart: with ``resume``, a new cosine cycle from ``lr`` starting at the resumed iteration.
+    ema_decay: of the weights' exponential moving average (``params_ema``, what export prefers).
+    val, val_every: HR images for the Y-PSNR validation (crop = scale), and how often it runs.
+    seed: weights' initialization and the batches drawn (a resumed run continues the same sequence).
+    """
+
     data: Path
     out: Path = Path("runs/x2/last.pth")
     preset: str = "x2"

@@ -46,6 +46,9 @@ from dipnet_deploy.video import VIDEO_SUFFIXES, check_codec, count_frames, defau
 
 @dataclass
 class UpscaleOptions:
+    """Settings of ``upscale``: the runtime that runs the model (``runtime.RUNTIMES``), the video
+    encoder's settings, whether existing outputs are replaced, and where the work runs."""
+
     runtime: str = "onnxruntime"
     threads: int | None = None  # CPU threads of one forward; None: all cores
     codec: str | None = None  # video encoder; None: video.default_codec (H.264; VP9 for .webm)

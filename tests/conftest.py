@@ -15,6 +15,7 @@ import torch
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.metrics import psnr
 from dipnet_deploy.range_graphs import float_tensors, values_model
 
 SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -114,6 +115,17 @@ def whole_image_ranges(model_path, files, height, width, per_channel=False):
     if per_channel:
         return low, high
     return {name: (float(low[name]), float(high[name])) for name in names}
+
+
+def int8_fidelity(fp32: Path, int8: Path, images: list[Path], height: int, width: int) -> float:
+    """Mean PSNR (dB) of the int8 output against the fp32 output, seed preprocessing to ``height`` x ``width``."""
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
+    scores = []
+    for path in images:
+        x = seed_preprocess(read_rgb8(path)[0], height, width)
+        reference, quantized = (np.clip(s.run(None, {"input": x})[0][0] * 255, 0, 255).transpose(1, 2, 0) for s in sessions)
+        scores.append(psnr(quantized, reference))
+    return float(np.mean(scores))
 
 
 @pytest.fixture(autouse=True)

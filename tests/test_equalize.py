@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,18 +10,17 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.calibrate import channel_ranges
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales, equalized_channel_ranges
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
-from dipnet_deploy.metrics import psnr
 from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, default_calibration_dir, quantize
 from dipnet_deploy.range_graphs import float_tensors, values_model
 
-from .conftest import EVAL, need, whole_image_ranges
+from .conftest import EVAL, int8_fidelity, need, whole_image_ranges
 
-PACKAGED_X2 = Path(__file__).resolve().parents[1] / "dipnet_deploy" / "weights" / "dipnet_x2.pth"
 HEIGHT, WIDTH = 64, 96
 
 
@@ -30,7 +28,7 @@ HEIGHT, WIDTH = 64, 96
 def x2_trained(tmp_path_factory):
     """The packaged (trained) x2 weights exported at 64x96: real activation statistics."""
     work = tmp_path_factory.mktemp("x2_trained")
-    return export(load_checkpoint(PACKAGED_X2), work / "x2.onnx", ExportOptions(HEIGHT, WIDTH)).onnx_path
+    return export(load_checkpoint(PACKAGED_WEIGHTS), work / "x2.onnx", ExportOptions(HEIGHT, WIDTH)).onnx_path
 
 
 def calibration_files():
@@ -151,17 +149,6 @@ def test_symmetric_activations_use_the_symmetric_range(x2_trained):
         assert max(-float(scaled_low[name].min()), float(scaled_high[name].max())) <= before * (1 + 1e-6)
 
 
-def int8_fidelity(fp32: Path, int8: Path, images: list[Path]) -> float:
-    """Mean PSNR (dB) of the int8 output against the fp32 output, seed preprocessing."""
-    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
-    scores = []
-    for path in images:
-        x = seed_preprocess(read_rgb8(path)[0], HEIGHT, WIDTH)
-        reference, quantized = (np.clip(s.run(None, {"input": x})[0][0] * 255, 0, 255).transpose(1, 2, 0) for s in sessions)
-        scores.append(psnr(quantized, reference))
-    return float(np.mean(scores))
-
-
 def test_equalization_gains_int8_accuracy_and_reuses_byte_identically(x2_trained, tmp_path, invoke):
     images = list_images(need(EVAL / "Set5"))
     plain = quantize(x2_trained, tmp_path / "plain.int8.onnx", default_calibration_dir(),
@@ -172,7 +159,8 @@ def test_equalization_gains_int8_accuracy_and_reuses_byte_identically(x2_trained
     card = json.loads((tmp_path / "eq.int8.json").read_text())
     assert card["equalization"]["channel_spaces"] == 13 and card["equalization"]["rescaled_channels"] > 200
     assert json.loads((tmp_path / "plain.int8.json").read_text())["equalization"] is None
-    gain = int8_fidelity(x2_trained, tmp_path / "eq.int8.onnx", images) - int8_fidelity(x2_trained, plain, images)
+    gain = (int8_fidelity(x2_trained, tmp_path / "eq.int8.onnx", images, HEIGHT, WIDTH)
+            - int8_fidelity(x2_trained, plain, images, HEIGHT, WIDTH))
     assert gain > 1.0, gain  # measured 1.62 dB
     code, _, err = invoke("quantize", "--model", x2_trained, "--ranges", summary["ranges"], "-o", tmp_path / "again.int8.onnx")
     assert code == 0, err
