@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dipnet_deploy import __version__
+
+TOOL = f"dipnet-deploy {__version__}"  # the "tool" of every JSON we write: how a file of ours is recognized
 PACKAGED_WEIGHTS = Path(__file__).parent / "weights" / "dipnet_x2.pth"  # the default checkpoint (x2, 93,664 params)
 BUILD_DIR = Path("build")
 
@@ -44,3 +47,9 @@ def default_checkpoint(checkpoint: str | Path | None) -> Path:
     if checkpoint is not None:
         return Path(checkpoint)
     return PACKAGED_WEIGHTS if PACKAGED_WEIGHTS.is_file() else None
+
+
+def card_header(stage: str, onnx_path: str | Path) -> dict:
+    """The first keys of a model card (``export``'s "fp32-onnx", ``quantize``'s "int8-onnx"): what
+    wrote it, which stage, and the ONNX file it describes."""
+    return {"tool": TOOL, "stage": stage, "onnx": str(onnx_path)}

@@ -23,7 +23,7 @@ import torch
 
 from dipnet_deploy import __version__
 from dipnet_deploy.archs.dipnet_arch import count_params
-from dipnet_deploy.artifacts import card_path_for
+from dipnet_deploy.artifacts import card_header, card_path_for
 from dipnet_deploy.checkpoint import LoadedCheckpoint
 from dipnet_deploy.config import refuse_beyond_memory
 from dipnet_deploy.errors import InputError
@@ -149,10 +149,7 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
     if not ort_diff <= ORT_TOLERANCE:
         raise RuntimeError(f"onnxruntime output differs from PyTorch by {ort_diff:.3g} (> {ORT_TOLERANCE})")
     summary = onnx_summary(graph)
-    card = {
-        "tool": f"dipnet-deploy {__version__}",
-        "stage": "fp32-onnx",
-        "onnx": str(output),
+    card = card_header("fp32-onnx", output) | {
         "config": config.to_dict(),
         "params": count_params(model),
         "macs": torch_conv_macs(model, options.height, options.width),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import cv2
@@ -149,6 +149,32 @@ def not_a_file(path: Path) -> str:
 def unreadable_folder(error: OSError) -> str:
     """The warning for a folder ``os.walk`` could not list (its ``onerror`` argument)."""
     return f"warning: skipped {error.filename}: cannot read the folder ({error.strerror})"
+
+
+def usable_images(paths: Iterable[Path], warn: Callable[[str], None],
+                  problem: Callable[[np.ndarray], str | None] = lambda _rgb: None, skipped: list[str] | None = None,
+                  say_notes: bool = False) -> Iterator[tuple[Path, np.ndarray]]:
+    """(path, HxWx3 uint8 RGB) of each readable image of ``paths`` for which ``problem(rgb)`` is None.
+
+    Every other one is skipped with a warning naming it (``warn``) and its reason appended to
+    ``skipped``; with ``say_notes``, conversions (gray, alpha, 16-bit) are reported as notes.
+    One image is decoded at a time.
+    """
+    for path in paths:
+        try:
+            rgb, notes = read_rgb8(path)
+        except InputError as error:
+            reason = str(error)
+        else:
+            if (why := problem(rgb)) is None:
+                for note in notes if say_notes else ():
+                    warn(f"note: {path}: {note}")
+                yield path, rgb
+                continue
+            reason = f"{path}: {why}"
+        if skipped is not None:
+            skipped.append(reason)
+        warn(f"warning: skipped {reason}")
 
 
 def seed_preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -20,12 +20,12 @@ import numpy as np
 import onnx
 
 from dipnet_deploy import __version__
-from dipnet_deploy.artifacts import card_path_for, default_int8_path, default_ranges_path
+from dipnet_deploy.artifacts import TOOL, card_header, card_path_for, default_int8_path, default_ranges_path
 from dipnet_deploy.calibrate import calibrate
 from dipnet_deploy.equalize import MAX_SCALE, channel_spaces, equalize_with
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, silent
+from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, silent, usable_images
 from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import OBSERVERS, make_observer
@@ -107,22 +107,14 @@ class SeedInputs:
 def select_images(directory: Path, limit: int | None, warn: Callable[[str], None]) -> tuple[list[Path], list[str]]:
     """Readable images under ``directory`` (sorted), an evenly spaced subset of ``limit``; and skips."""
     files = list_images(directory, warn)
-    usable, skipped = [], []
-    for path in files:
-        try:
-            image, notes = read_rgb8(path)
-        except InputError as error:
-            skipped.append(str(error))
-            warn(f"warning: skipped {error}")
-            continue
+    skipped: list[str] = []
+
+    def too_small(image: np.ndarray) -> str | None:
         if min(image.shape[:2]) < MIN_CALIBRATION_SIDE:
-            skipped.append(f"{path}: {image.shape[1]}x{image.shape[0]} is too small")
-            warn(f"warning: skipped {path}: {image.shape[1]}x{image.shape[0]} is smaller than "
-                 f"{MIN_CALIBRATION_SIDE}px on a side")
-            continue
-        for note in notes:
-            warn(f"note: {path}: {note}")
-        usable.append(path)
+            return f"{image.shape[1]}x{image.shape[0]} is smaller than {MIN_CALIBRATION_SIDE}px on a side"
+        return None
+
+    usable = [path for path, _ in usable_images(files, warn, too_small, skipped, say_notes=True)]
     if not usable:
         what = f"{len(files)} image file(s), none usable" if files else "no image files (png, jpg, bmp, tif, webp)"
         raise InputError(directory, f"no calibration images: {what}")
@@ -134,7 +126,7 @@ def select_images(directory: Path, limit: int | None, warn: Callable[[str], None
 
 def ranges_header(model_path: Path, shape: list[int], method: str, parameters: dict) -> dict:
     """The first fields of every ranges document: format, tool, the model (path, sha256, shape), method."""
-    return {"format": RANGES_FORMAT, "tool": f"dipnet-deploy {__version__}", "model": str(model_path),
+    return {"format": RANGES_FORMAT, "tool": TOOL, "model": str(model_path),
             "model_sha256": sha256_file(model_path), "input_shape": shape, "method": method, "parameters": parameters}
 
 
@@ -399,10 +391,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         write_int8(model_path, document, ranges_path, int8_temp, options)
         int8 = onnx.load(str(int8_temp))
         summary = onnx_summary(int8)
-        card = {
-            "tool": f"dipnet-deploy {__version__}",
-            "stage": "int8-onnx",
-            "onnx": str(output),
+        card = card_header("int8-onnx", output) | {
             "onnx_sha256": sha256_file(int8_temp),
             "fp32_onnx": str(model_path),
             "fp32_sha256": document["model_sha256"],

@@ -28,7 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dipnet_deploy import __version__  # noqa: E402
+from dipnet_deploy.artifacts import TOOL  # noqa: E402
 from dipnet_deploy.compare import METRICS, Comparison  # noqa: E402
 from dipnet_deploy.errors import InputError  # noqa: E402
 from dipnet_deploy.fileio import json_bytes, refuse_unwritable  # noqa: E402
@@ -44,7 +44,7 @@ def metrics_document(comparison: Comparison) -> dict:
     rows = comparison.rows
     document = {
         "schema": f"{METRICS_SCHEMA_PREFIX}1",
-        "tool": f"dipnet-deploy {__version__}",
+        "tool": TOOL,
         "protocol": comparison.protocol,
         "scale": comparison.models["fp32"].scale,
         "models": {name: {"path": str(info.path), "sha256": info.sha256, "input_shape": info.input_shape}

@@ -28,7 +28,7 @@ from dipnet_deploy.checkpoint import check_finite, check_state_dict, load_file
 from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
-from dipnet_deploy.imageio import list_images, read_rgb8, silent
+from dipnet_deploy.imageio import list_images, silent, usable_images
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
 
@@ -89,16 +89,11 @@ class PairedPatches:
         self.scale, self.patch = scale, patch
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         files = list_images(directory, warn)
-        for path in files:
-            try:
-                hr, _ = read_rgb8(path)
-            except InputError as error:
-                warn(f"warning: skipped {error}")
-                continue
-            if min(hr.shape[:2]) < patch:
-                warn(f"warning: skipped {path}: {hr.shape[1]}x{hr.shape[0]} is smaller than the {patch}px patch")
-                continue
-            self.pairs.append(make_pair(hr, scale))
+
+        def too_small(hr: np.ndarray) -> str | None:
+            return f"{hr.shape[1]}x{hr.shape[0]} is smaller than the {patch}px patch" if min(hr.shape[:2]) < patch else None
+
+        self.pairs += [make_pair(hr, scale) for _, hr in usable_images(files, warn, too_small)]
         if not self.pairs:
             found = f"{len(files)} image file(s), none usable" if files else "no image files"
             raise InputError(directory, f"no training images ({found}; need readable images >= {patch}px)")
@@ -129,17 +124,8 @@ def validate(model: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]],
 def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], None]) -> list:
     if directory is None:
         return []
-    pairs = []
-    for path in list_images(directory, warn):
-        try:
-            hr, _ = read_rgb8(path)
-        except InputError as error:
-            warn(f"warning: skipped {error}")
-            continue
-        if problem := unscorable(hr, scale):
-            warn(f"warning: skipped {path}: {problem}")
-            continue
-        pairs.append(make_pair(hr, scale))
+    pairs = [make_pair(hr, scale) for _, hr in usable_images(list_images(directory, warn), warn,
+                                                             lambda hr: unscorable(hr, scale))]
     if not pairs:
         raise InputError(directory, "no readable validation images")
     return pairs
