@@ -12,7 +12,7 @@ from pathlib import Path
 
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 
 SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
@@ -48,7 +48,7 @@ def stock_minmax(fp32: Path, calib: Path, output: Path, height: int, width: int)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
+            self.batches = iter([{"input": vendor_preprocess(read_rgb8(p)[0], height, width)} for p in files])
 
         def get_next(self):
             return next(self.batches, None)

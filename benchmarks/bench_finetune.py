@@ -30,7 +30,7 @@ from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.quantize import QuantizeOptions, quantize
 
 VARIANTS = {"x2": (PACKAGED_WEIGHTS, 540, 960), "x4": (SHARED / "weights" / "dipnet_official_x4.pth", 270, 480)}
@@ -48,7 +48,7 @@ def calibration_photos(work: Path, count: int) -> Path:
 
 
 def seed_inputs(calib: Path, height: int, width: int) -> list[dict]:
-    return [{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in list_images(calib)]
+    return [{"input": vendor_preprocess(read_rgb8(p)[0], height, width)} for p in list_images(calib)]
 
 
 def nncf_int8(fp32: Path, calib: Path, output: Path, height: int, width: int) -> Path | None:

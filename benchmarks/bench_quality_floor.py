@@ -23,7 +23,7 @@ from _measure import SHARED, ground_truth_line, stock_minmax
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.metrics import psnr
 from dipnet_deploy.quantize import QuantizeOptions, quantize
 
@@ -46,7 +46,7 @@ def main() -> None:
     height, width = 270, 480
     fp32 = export(load_checkpoint(SHARED / "weights" / "dipnet_official_x4.pth"), work / "x4.onnx",
                   ExportOptions(height, width)).onnx_path
-    inputs = [seed_preprocess(read_rgb8(p)[0], height, width) for p in list_images(SHARED / "data" / "eval" / "Set5")]
+    inputs = [vendor_preprocess(read_rgb8(p)[0], height, width) for p in list_images(SHARED / "data" / "eval" / "Set5")]
     reference = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     fp32_out = [np.clip(reference.run(None, {"input": x})[0][0] * 255, 0, 255) for x in inputs]
 

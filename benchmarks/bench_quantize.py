@@ -36,10 +36,10 @@ def main() -> None:
         plain = measure(f"""
             from pathlib import Path
             import onnxruntime as ort
-            from dipnet_deploy.quantize import SeedInputs, select_images
+            from dipnet_deploy.quantize import VendorInputs, select_images
             files, _ = select_images(Path({args.data!r}), {count}, lambda m: None)
             runner = ort.InferenceSession({args.model!r}, providers=["CPUExecutionProvider"])
-            for x in SeedInputs(files, 1080, 1920):
+            for x in VendorInputs(files, 1080, 1920):
                 runner.run(None, {{"input": x}})
         """)
         print(f"{count} images: streaming max calibration + int8 write {calib['seconds']:.1f} s, peak RSS "
@@ -50,12 +50,12 @@ def main() -> None:
             from pathlib import Path
             from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                                   quantize_static)
-            from dipnet_deploy.quantize import SeedInputs, select_images
+            from dipnet_deploy.quantize import VendorInputs, select_images
             files, _ = select_images(Path({args.data!r}), 1, lambda m: None)
 
             class Reader(CalibrationDataReader):
                 def __init__(self):
-                    self.batches = iter(SeedInputs(files, 1080, 1920))
+                    self.batches = iter(VendorInputs(files, 1080, 1920))
 
                 def get_next(self):
                     x = next(self.batches, None)

@@ -28,10 +28,10 @@ from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, to_uint8_rgb
-from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
+from dipnet_deploy.imageio import list_images, read_rgb8, to_uint8_rgb, vendor_preprocess
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.metrics import psnr, ssim
+from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, time_interleaved
 from dipnet_deploy.sr_protocol import make_pair, score, to_input, unscorable
 from dipnet_deploy.tiling import TiledRunner
@@ -142,7 +142,7 @@ def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol
         _, lr = make_pair(hr_rgb, scale)
         any_runner = next(iter(runners.values()))
         height, width = any_runner.tile_h, any_runner.tile_w
-        model_input = seed_preprocess(lr, height, width)
+        model_input = vendor_preprocess(lr, height, width)
         hr = cv2.resize(hr_rgb, (width * scale, height * scale), interpolation=cv2.INTER_LINEAR).astype(np.float64)
         outputs = {name: _float_rgb(runner.forward(model_input)) for name, runner in runners.items()}
         outputs["bicubic"] = np.clip(cv2.resize(lr.astype(np.float32), (width * scale, height * scale),

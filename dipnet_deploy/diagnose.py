@@ -27,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dipnet_deploy.calibrate import PASS2_BUDGET_BYTES
-from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
 from dipnet_deploy.range_graphs import group_by_budget, session, tensor_shapes, values_model
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
@@ -97,7 +97,7 @@ def first_tile(hr: np.ndarray, runner: TiledRunner, protocol: str, scale: int) -
     """The model input the comparison feeds first for the HR image ``hr`` (uint8 RGB)."""
     _, lr = make_pair(hr, scale)
     if protocol == "seed":
-        return seed_preprocess(lr, runner.tile_h, runner.tile_w)
+        return vendor_preprocess(lr, runner.tile_h, runner.tile_w)
     return next(runner.tiles(to_input(lr)))[2]
 
 

@@ -177,7 +177,7 @@ def usable_images(paths: Iterable[Path], warn: Callable[[str], None],
         warn(f"warning: skipped {reason}")
 
 
-def seed_preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+def vendor_preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     """The vendor seed's input: cv2.resize (bilinear) to (W, H), RGB, CHW, float32/255, batch axis."""
     resized = cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
     return (resized.transpose(2, 0, 1).astype(np.float32) / 255.0)[None]
@@ -189,6 +189,6 @@ def to_uint8_rgb(output: np.ndarray) -> np.ndarray:
     return np.round(np.clip(chw * 255.0, 0, 255)).astype(np.uint8).transpose(1, 2, 0)
 
 
-def seed_postprocess(output: np.ndarray) -> np.ndarray:
+def vendor_postprocess(output: np.ndarray) -> np.ndarray:
     """The vendor seed's output: squeeze, RGB->BGR, CHW->HWC, clip(x*255), round, uint8."""
     return np.ascontiguousarray(to_uint8_rgb(output)[..., ::-1])

@@ -32,7 +32,14 @@ def _prepare(image: np.ndarray, crop_border: int, y_channel: bool) -> np.ndarray
 
 
 def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
-    """Peak signal-to-noise ratio in dB (inf for identical images)."""
+    """Peak signal-to-noise ratio in dB (inf for identical images).
+
+    Args:
+        img: the image to score, HxWxC (or HxW) uint8, or float on [0, 255], RGB order.
+        ref: the reference, the same shape and convention.
+        crop_border: pixels removed from each edge of both before measuring (SR: the scale).
+        y_channel: measure the BT.601 luma (``rgb_to_y``) instead of every channel.
+    """
     if img.shape != ref.shape:
         raise ValueError(f"shapes differ: {img.shape} vs {ref.shape}")
     a, b = _prepare(img, crop_border, y_channel), _prepare(ref, crop_border, y_channel)
@@ -58,7 +65,15 @@ def _ssim_single(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def ssim(img: np.ndarray, ref: np.ndarray, crop_border: int = 0, y_channel: bool = False) -> float:
-    """Structural similarity (mean over channels); the cropped images must be at least SSIM_WINDOW a side."""
+    """Structural similarity in [0, 1] (for colour, the mean over channels).
+
+    Args:
+        img: the image to score, HxWxC (or HxW) uint8, or float on [0, 255], RGB order.
+        ref: the reference, the same shape and convention.
+        crop_border: pixels removed from each edge of both before measuring (SR: the scale); what is
+            left must be at least ``SSIM_WINDOW`` a side (ValueError otherwise).
+        y_channel: measure the BT.601 luma (``rgb_to_y``) instead of every channel.
+    """
     if img.shape != ref.shape:
         raise ValueError(f"shapes differ: {img.shape} vs {ref.shape}")
     if min(img.shape[:2]) - 2 * crop_border < SSIM_WINDOW:

@@ -25,10 +25,10 @@ from dipnet_deploy.calibrate import calibrate
 from dipnet_deploy.equalize import MAX_SCALE, channel_spaces, equalize_with
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess, silent, usable_images
-from dipnet_deploy.info import is_quantized, load_onnx, sr_model_shape
+from dipnet_deploy.imageio import list_images, read_rgb8, silent, usable_images, vendor_preprocess
 from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import OBSERVERS, make_observer
+from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
 from dipnet_deploy.range_graphs import float_tensors
@@ -90,7 +90,7 @@ def check_fp32_model(path: Path) -> tuple[onnx.ModelProto, list[int]]:
     return model, shape
 
 
-class SeedInputs:
+class VendorInputs:
     """The calibration images, read and preprocessed as the seed does, one at a time."""
 
     def __init__(self, files: list[Path], height: int, width: int):
@@ -101,7 +101,7 @@ class SeedInputs:
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for path in self.files:
-            yield seed_preprocess(read_rgb8(path)[0], self.height, self.width)
+            yield vendor_preprocess(read_rgb8(path)[0], self.height, self.width)
 
 
 def select_images(directory: Path, limit: int | None, warn: Callable[[str], None]) -> tuple[list[Path], list[str]]:
@@ -149,7 +149,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
             raise InputError(model_path, "--method auto needs a DIPNet ONNX written by `dipnet-deploy export` "
                                          "(its weights keep the module names); use --method max") from None
     observer = make_observer("max" if auto else options.method, options.percentile)
-    inputs = SeedInputs(files, height, width)
+    inputs = VendorInputs(files, height, width)
     calibration = calibrate(model, inputs, observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
@@ -209,7 +209,7 @@ def learned_ranges_document(model_path: Path, options: QuantizeOptions) -> dict:
 def agreement_image(shape: list[int]) -> tuple[Path, np.ndarray]:
     """The image for the int8-vs-simulation check: the first default calibration photo at ``shape``."""
     path = list_images(default_calibration_dir())[0]
-    return path, seed_preprocess(read_rgb8(path)[0], shape[2], shape[3])
+    return path, vendor_preprocess(read_rgb8(path)[0], shape[2], shape[3])
 
 
 def read_ranges(path: Path, model_path: Path) -> dict:

@@ -14,7 +14,7 @@ import torch
 
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model
 from dipnet_deploy.config import PRESETS
-from dipnet_deploy.imageio import read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
 from dipnet_deploy.metrics import psnr
 from dipnet_deploy.range_graphs import float_tensors, values_model
 
@@ -108,7 +108,7 @@ def whole_image_ranges(model_path, files, height, width, per_channel=False):
     axes = (0, 2, 3) if per_channel else None
     low, high = {}, {}
     for path in files:
-        x = seed_preprocess(read_rgb8(path)[0], height, width)
+        x = vendor_preprocess(read_rgb8(path)[0], height, width)
         for name, value in zip(names, session.run(names, {"input": x})):
             low[name] = np.minimum(low[name], value.min(axis=axes)) if name in low else value.min(axis=axes)
             high[name] = np.maximum(high[name], value.max(axis=axes)) if name in high else value.max(axis=axes)
@@ -122,7 +122,7 @@ def int8_fidelity(fp32: Path, int8: Path, images: list[Path], height: int, width
     sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (fp32, int8)]
     scores = []
     for path in images:
-        x = seed_preprocess(read_rgb8(path)[0], height, width)
+        x = vendor_preprocess(read_rgb8(path)[0], height, width)
         reference, quantized = (np.clip(s.run(None, {"input": x})[0][0] * 255, 0, 255).transpose(1, 2, 0) for s in sessions)
         scores.append(psnr(quantized, reference))
     return float(np.mean(scores))

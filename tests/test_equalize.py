@@ -15,8 +15,8 @@ from dipnet_deploy.calibrate import channel_ranges
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.equalize import apply_equalization, channel_spaces, equalization_scales, equalized_channel_ranges
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
-from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, default_calibration_dir, quantize
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
+from dipnet_deploy.quantize import QuantizeOptions, VendorInputs, default_calibration_dir, quantize
 from dipnet_deploy.range_graphs import float_tensors, values_model
 
 from .conftest import EVAL, int8_fidelity, need, whole_image_ranges
@@ -74,7 +74,7 @@ def test_equalized_model_computes_the_same_function(x2_trained):
     factors = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32)
                for space in spaces}
     equalized = apply_equalization(model, spaces, factors)
-    x = seed_preprocess(read_rgb8(calibration_files()[0])[0], HEIGHT, WIDTH)
+    x = vendor_preprocess(read_rgb8(calibration_files()[0])[0], HEIGHT, WIDTH)
     trunk = spaces[0].tensors[0]
     (original_trunk, original_out), (scaled_trunk, scaled_out) = (
         run(m, x, [trunk, m.graph.output[0].name]) for m in (model, equalized))
@@ -89,7 +89,7 @@ def test_equalized_official_x4_computes_the_same_function(official_x4, tmp_path)
     rng = np.random.default_rng(1)
     factors = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32) for space in spaces}
     equalized = apply_equalization(model, spaces, factors)
-    x = seed_preprocess(read_rgb8(calibration_files()[1])[0], 48, 64)
+    x = vendor_preprocess(read_rgb8(calibration_files()[1])[0], 48, 64)
     names = [name for space in spaces for name in space.tensors] + [model.graph.output[0].name]
     original, scaled = (dict(zip(names, run(m, x, names))) for m in (model, equalized))
     worst = 0.0
@@ -106,7 +106,7 @@ def test_equalized_official_x4_computes_the_same_function(official_x4, tmp_path)
 def test_scales_grow_no_range_and_ranges_follow_exactly(x2_trained, tmp_path):
     model = onnx.load(str(x2_trained))
     files = calibration_files()
-    low, high = channel_ranges(model, SeedInputs(files, HEIGHT, WIDTH))
+    low, high = channel_ranges(model, VendorInputs(files, HEIGHT, WIDTH))
     spaces = channel_spaces(model)
     scales = equalization_scales(model, spaces, low, high)
     factors = np.concatenate(list(scales.values()))
@@ -125,7 +125,7 @@ def test_scales_grow_no_range_and_ranges_follow_exactly(x2_trained, tmp_path):
 
 def test_per_tensor_weights_keep_their_range(x2_trained):
     model = onnx.load(str(x2_trained))
-    low, high = channel_ranges(model, SeedInputs(calibration_files(), HEIGHT, WIDTH))
+    low, high = channel_ranges(model, VendorInputs(calibration_files(), HEIGHT, WIDTH))
     spaces = channel_spaces(model)
     scales = equalization_scales(model, spaces, low, high, per_channel_weights=False)
     assert any((factors > 1).any() for factors in scales.values())
@@ -136,7 +136,7 @@ def test_per_tensor_weights_keep_their_range(x2_trained):
 
 def test_symmetric_activations_use_the_symmetric_range(x2_trained):
     model = onnx.load(str(x2_trained))
-    low, high = channel_ranges(model, SeedInputs(calibration_files(), HEIGHT, WIDTH))
+    low, high = channel_ranges(model, VendorInputs(calibration_files(), HEIGHT, WIDTH))
     spaces = channel_spaces(model)
     asymmetric = equalization_scales(model, spaces, low, high)
     symmetric = equalization_scales(model, spaces, low, high, symmetric_activations=True)

@@ -15,7 +15,7 @@ from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.qat import (
     FIXED_POINTS,
     QuantSimDIPNet,
@@ -152,7 +152,7 @@ def test_simulation_reproduces_onnxruntime_int8(tmp_path, calib_images):
     """
     fp32, int8, ranges = max_quantized(PACKAGED_WEIGHTS, tmp_path, 48, 64, calib_images)
     sim, names = sim_from_tensor_ranges(PACKAGED_WEIGHTS, fp32, ranges)
-    x = seed_preprocess(read_rgb8(list_images(calib_images)[0])[0], 48, 64)
+    x = vendor_preprocess(read_rgb8(list_images(calib_images)[0])[0], 48, 64)
     ort_out = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     fp32_out = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     with torch.no_grad():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.imageio import read_rgb8, seed_postprocess, seed_preprocess
+from dipnet_deploy.imageio import read_rgb8, vendor_postprocess, vendor_preprocess
 
 
 @pytest.fixture
@@ -46,14 +46,14 @@ def test_unreadable_files_raise_input_error(tmp_path):
 
 def test_seed_pre_and_post_processing(bgr):
     rgb = bgr[..., ::-1]
-    x = seed_preprocess(rgb, 20, 30)  # same size: resize is the identity
+    x = vendor_preprocess(rgb, 20, 30)  # same size: resize is the identity
     assert x.shape == (1, 3, 20, 30) and x.dtype == np.float32
     assert np.allclose(x[0, 0], bgr[..., 2] / 255.0)  # channel 0 is red
-    assert np.array_equal(seed_postprocess(x), bgr)  # back to BGR uint8 exactly
-    resized = seed_preprocess(rgb, 40, 60)
+    assert np.array_equal(vendor_postprocess(x), bgr)  # back to BGR uint8 exactly
+    resized = vendor_preprocess(rgb, 40, 60)
     expected = cv2.resize(bgr, (60, 40), interpolation=cv2.INTER_LINEAR)[..., ::-1].transpose(2, 0, 1) / 255.0
     assert np.allclose(resized[0], expected, atol=1e-7)
-    assert np.array_equal(seed_postprocess(np.full((1, 3, 2, 2), 0.5019608, np.float32))[0, 0], [128, 128, 128])
+    assert np.array_equal(vendor_postprocess(np.full((1, 3, 2, 2), 0.5019608, np.float32))[0, 0], [128, 128, 128])
 
 
 def test_missing_shared_data_skips_or_fails_under_require_shared(tmp_path, monkeypatch):

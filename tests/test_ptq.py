@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.ptq import AutoOptions
 from dipnet_deploy.qat import onnx_point_names
 from dipnet_deploy.quantize import QuantizeOptions, quantize
@@ -35,7 +35,7 @@ def routes(tmp_path_factory):
     max_int8 = quantize(fp32, work / "max.int8.onnx", calib, warn=quiet)
     auto = QuantizeOptions(method="auto", auto=AutoOptions(iters=80, batch=8, crop=32))
     auto_int8 = quantize(fp32, work / "auto.int8.onnx", calib, None, auto, warn=quiet)
-    held_out = [seed_preprocess(read_rgb8(path)[0], HEIGHT, WIDTH) for path in photos[3:]]
+    held_out = [vendor_preprocess(read_rgb8(path)[0], HEIGHT, WIDTH) for path in photos[3:]]
     return work, fp32, max_int8, auto_int8, held_out
 
 

@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from dipnet_deploy.calibrate import calibrate, channel_ranges
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.imageio import list_images, read_rgb8, seed_preprocess
+from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.observers import EntropyObserver, MaxObserver, MseObserver, PercentileObserver
-from dipnet_deploy.quantize import QuantizeOptions, SeedInputs, quantize
+from dipnet_deploy.quantize import QuantizeOptions, VendorInputs, quantize
 from dipnet_deploy.range_graphs import derived_ranges, float_tensors, values_model
 
 from .conftest import CALIBRATION, EVAL, TRAIN, int8_fidelity, need, random_train_model, whole_image_ranges
@@ -58,7 +58,7 @@ def stock_reader(files, height, width):
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{"input": seed_preprocess(read_rgb8(p)[0], height, width)} for p in files])
+            self.batches = iter([{"input": vendor_preprocess(read_rgb8(p)[0], height, width)} for p in files])
 
         def get_next(self):
             return next(self.batches, None)
@@ -68,7 +68,7 @@ def stock_reader(files, height, width):
 
 def test_streaming_max_ranges_equal_whole_image_ranges(x2_small, calib_dir):
     files = sorted(calib_dir.iterdir())
-    got = calibrate(onnx.load(str(x2_small)), SeedInputs(files, 40, 56), MaxObserver()).ranges
+    got = calibrate(onnx.load(str(x2_small)), VendorInputs(files, 40, 56), MaxObserver()).ranges
     want = whole_image_ranges(x2_small, files, 40, 56)
     assert set(got) == set(want) and len(got) == 1 + 19 + 12 + 5  # input, convs, leaky, adds
     # Pre-activation ranges are mapped back from the fused Conv+LeakyRelu output (v / alpha):
@@ -82,7 +82,7 @@ def test_streaming_max_ranges_equal_whole_image_ranges(x2_small, calib_dir):
 def test_per_channel_ranges_equal_whole_image_ranges(x2_small, calib_dir):
     """Pass 1 reads blocked NCHWc tensors in place: per channel, exact, padding dropped."""
     files = sorted(calib_dir.iterdir())
-    low, high = channel_ranges(onnx.load(str(x2_small)), SeedInputs(files, 40, 56))
+    low, high = channel_ranges(onnx.load(str(x2_small)), VendorInputs(files, 40, 56))
     want_low, want_high = whole_image_ranges(x2_small, files, 40, 56, per_channel=True)
     pre_activation = set(derived_ranges(onnx.load(str(x2_small))))
     assert set(low) == set(want_low)
@@ -114,10 +114,10 @@ def test_ranges_exact_when_blocked_layout_pads_channels(calib_dir, tmp_path):
     path = tmp_path / "padded.onnx"
     onnx.save(model, str(path))
     files = sorted(calib_dir.iterdir())
-    got = calibrate(model, SeedInputs(files, 40, 56), MaxObserver()).ranges
+    got = calibrate(model, VendorInputs(files, 40, 56), MaxObserver()).ranges
     want = whole_image_ranges(path, files, 40, 56)
     assert got == want and got["positive"][0] > 4.0
-    low, high = channel_ranges(model, SeedInputs(files, 40, 56))
+    low, high = channel_ranges(model, VendorInputs(files, 40, 56))
     want_low, want_high = whole_image_ranges(path, files, 40, 56, per_channel=True)
     assert np.array_equal(low["positive"], want_low["positive"]) and np.array_equal(high["positive"], want_high["positive"])
 
@@ -142,7 +142,7 @@ def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, train_calib_di
         # Stock's graph runs other kernels (no fusions), so equal up to float rounding.
         assert ours[name]["min"] == pytest.approx(low, abs=1e-7, rel=1e-5)
         assert ours[name]["max"] == pytest.approx(high, abs=1e-7, rel=1e-5)
-    x = seed_preprocess(read_rgb8(files[0])[0], 40, 56)
+    x = vendor_preprocess(read_rgb8(files[0])[0], 40, 56)
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
     # A range one float ulp apart can flip a rounding: allow rare one-step differences.
     last_conv = [n for n in onnx.load(str(x2_small)).graph.node if n.op_type == "Conv"][-1].output[0]
@@ -192,12 +192,12 @@ def test_percentile_ranges_are_quantiles_of_the_whole_tensors(percentile, x2_sma
     """Streamed histograms (pass 2, tensors grouped under a budget) against np.quantile over every value."""
     model = onnx.load(str(x2_small))
     files = sorted(calib_dir.iterdir())
-    got = calibrate(model, SeedInputs(files, 40, 56), PercentileObserver(percentile), budget_bytes=200_000).ranges
+    got = calibrate(model, VendorInputs(files, 40, 56), PercentileObserver(percentile), budget_bytes=200_000).ranges
     names = float_tensors(model)
     session = ort.InferenceSession(values_model(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
     values = {name: [] for name in names}
     for path in files:
-        for name, value in zip(names, session.run(names, {"input": seed_preprocess(read_rgb8(path)[0], 40, 56)})):
+        for name, value in zip(names, session.run(names, {"input": vendor_preprocess(read_rgb8(path)[0], 40, 56)})):
             values[name].append(value.ravel())
     tail = 1 - percentile / 100
     assert set(got) == set(names)
