@@ -198,9 +198,10 @@ def ray_map(setup: Callable, setup_args: tuple, task: Callable, items: list,
 
         yield count, outcomes()
     finally:
-        with silenced_stderr():  # Ray logs the retry of every task the kills interrupt: not the user's concern
-            for actor in actors:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor, no_restart=True)
+        with silenced_stderr():  # Ray logs the retry of every task a stop interrupts: not the user's concern
             if ours and ray.is_initialized():
-                ray.shutdown()
+                ray.shutdown()  # ends this driver's job: its actors go with it, and Ray's log threads stop
+            else:  # a Ray this process had before: leave it running, without our actors
+                for actor in actors:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor, no_restart=True)
