@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import sys
@@ -17,8 +18,23 @@ from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import json_text
 from dipnet_deploy.runtime import RUNTIMES
 
-QUANTIZE_METHODS = ["max", "percentile", "entropy", "mse", "auto", "learned"]  # quantize.METHODS, without importing onnx here
-FINETUNE_TARGETS = ["gt", "teacher", "mix"]  # finetune.TARGETS
+
+class StageChoice(click.Choice):
+    """A ``click.Choice`` of the names a stage module defines (``module.name``), read when click first
+    needs them (help, or parsing the option): the CLI starts without importing torch or onnxruntime."""
+
+    def __init__(self, module: str, name: str):  # click.Choice's own __init__ would read them at once
+        self.module, self.name, self.case_sensitive = module, name, True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.name))
+
+
+QUANTIZE_METHODS = StageChoice("dipnet_deploy.quantize", "METHODS")
+FINETUNE_TARGETS = StageChoice("dipnet_deploy.finetune", "TARGETS")
+LOSSES = StageChoice("dipnet_deploy.train", "LOSSES")
+PROTOCOLS = StageChoice("dipnet_deploy.compare", "PROTOCOLS")
 
 
 def one_line(text: str) -> str:
@@ -212,7 +228,7 @@ class IterationBar:
 @click.option("--patch", type=click.IntRange(2), default=64, show_default=True, help="HR patch side in pixels.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
               help="Peak Adam learning rate of the cosine cycle (decays to 1e-6 at --iters).")
-@click.option("--loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
+@click.option("--loss", type=LOSSES, default="l1", show_default=True,
               help="Pixel loss; mse is for a final PSNR fine-tune after the L1 stage.")
 @click.option("--restart", is_flag=True,
               help="With --resume: start a new cosine cycle at --lr from the resumed iteration (warm restart, "
@@ -274,10 +290,10 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 @click.option("--equalize/--no-equalize", default=True, show_default=True,
               help="Start from the activation-equalized weights (the same float function; each channel fills "
                    "more of its uint8 range), as `quantize` does by default.")
-@click.option("--target", type=click.Choice(FINETUNE_TARGETS), default="teacher", show_default=True,
+@click.option("--target", type=FINETUNE_TARGETS, default="teacher", show_default=True,
               help="teacher: the original fp32 model's output (distillation: the int8 model learns to be the "
                    "fp32 one); gt: the HR patch; mix: the mean of both losses.")
-@click.option("--loss", type=click.Choice(["l1", "mse"]), default="l1", show_default=True,
+@click.option("--loss", type=LOSSES, default="l1", show_default=True,
               help="Distance to the target.")
 @click.option("--val", type=click.Path(path_type=Path),
               help="HR validation images: the bar shows the simulated int8 drop vs the original fp32 (Y-PSNR).")
@@ -345,7 +361,7 @@ def _progress_bar(iterable, desc: str):
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration images (png, jpg, bmp, tif, webp; recursive, sorted by path). "
                    "Default: the project's calibration/ set, unless --ranges reuses saved ranges.")
-@click.option("--method", type=click.Choice(QUANTIZE_METHODS), default="max",
+@click.option("--method", type=QUANTIZE_METHODS, default="max",
               show_default=True,
               help="max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
                    "(TensorRT-style); mse: range minimizing uint8 quantization MSE; auto: max + equalization, "
@@ -438,7 +454,7 @@ def ray_options(command):
                    "without one, only fp32 and bicubic are measured.")
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Directory of HR images (gray, RGBA, 16-bit are converted to 8-bit RGB, with a note).")
-@click.option("--protocol", type=click.Choice(["sr", "seed"]), default="sr", show_default=True,
+@click.option("--protocol", type=PROTOCOLS, default="sr", show_default=True,
               help="sr: BasicSR convention (MATLAB bicubic LR, Y/RGB, crop = scale, tiles); "
                    "seed: the vendor's (bilinear resize to the model input, RGB, no crop).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
