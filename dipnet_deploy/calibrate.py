@@ -20,7 +20,7 @@ Here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +28,7 @@ import onnx
 
 from dipnet_deploy.equalize import channel_spaces, equalization_scales, equalize_with, equalized_channel_ranges
 from dipnet_deploy.observers import Observer
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.range_graphs import (
     derived_ranges,
     float_tensors,
@@ -42,9 +43,6 @@ PASS2_BUDGET_BYTES = 768 << 20  # outputs of one pass-2 forward
 
 
 # --------------------------------------------------------------------------- the calibration run
-
-Progress = Callable[[Collection, str], Iterable]
-
 
 ChannelRanges = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
@@ -61,7 +59,7 @@ def observe_ranges(model: onnx.ModelProto, tensors: list[str], channels: dict[st
     runner = session(graph, optimize=False, arena=True)
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}
-    for batch in progress(inputs, "calibrate (min/max)"):
+    for batch in progress(inputs, "calibrate (min/max)", len(inputs)):
         values = dict(zip([vi.name for vi in graph.graph.output], runner.run(None, {input_name: batch})))
         for index, name in enumerate(tensors):
             seen_low = values[f"__calib_ReduceMin_{index}"].reshape(-1)[: channels[name]]
@@ -71,7 +69,7 @@ def observe_ranges(model: onnx.ModelProto, tensors: list[str], channels: dict[st
     return low, high
 
 
-def channel_ranges(model: onnx.ModelProto, inputs: Collection[np.ndarray], progress: Progress = lambda it, _d: it,
+def channel_ranges(model: onnx.ModelProto, inputs: Collection[np.ndarray], progress: Progress = no_progress,
                    shapes: dict[str, list[int]] | None = None) -> ChannelRanges:
     """Per-channel min/max of every tensor of ``float_tensors`` over all inputs (pass 1)."""
     tensors = float_tensors(model)
@@ -104,7 +102,7 @@ def calibrate(
     model: onnx.ModelProto,
     inputs: Collection[np.ndarray],
     observer: Observer,
-    progress: Progress = lambda it, _desc: it,
+    progress: Progress = no_progress,
     equalize: bool = False,
     per_channel_weights: bool = True,
     symmetric_activations: bool = False,
@@ -133,7 +131,7 @@ def calibrate(
         sizes = {name: 4 * int(np.prod(shape)) for name, shape in shapes.items()}
         groups = group_by_budget(tensors, sizes, budget_bytes)
         sessions = [(group, session(values_model(model, group))) for group in groups]
-        for batch in progress(inputs, f"calibrate (histograms, {len(groups)} passes)"):
+        for batch in progress(inputs, f"calibrate (histograms, {len(groups)} passes)", len(inputs)):
             for group, runner in sessions:
                 for name, values in zip(group, runner.run(group, {input_name: batch})):
                     observer.update_values(name, values)

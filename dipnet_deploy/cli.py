@@ -348,10 +348,15 @@ runtime_option = click.option("--runtime", type=click.Choice(RUNTIMES), default=
                               help=RUNTIME_HELP)
 
 
-def _progress_bar(iterable, desc: str):
+PROGRESS_UNITS = {"calibrate": "img", "compare": "img", "diagnose": "tensor", "auto": "step"}
+
+
+def progress_bar(iterable, description: str, total: int | None = None):
+    """The stages' ``progress.Progress``: a bar on stderr, counted in the loop's unit."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, unit="img", dynamic_ncols=True, file=sys.stderr)
+    unit = PROGRESS_UNITS.get(description.split()[0], "it")
+    return tqdm(iterable, desc=description, total=total, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 @main.command()
@@ -408,7 +413,7 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize)
-    result = run_quantize(model, output, calib, ranges, options, progress=_progress_bar, warn=warn)
+    result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "
                f"{summary['images_used']} images, method {summary['method']}, peak RSS {summary['peak_rss_mb']} MB, "
@@ -478,7 +483,6 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
     index.html (summary, per-image chart, crops of the image with the largest int8 drop,
     error heatmap).
     """
-    from tqdm import tqdm
 
     from dipnet_deploy.compare import CompareOptions, default_int8_for
     from dipnet_deploy.compare import compare as run_compare
@@ -492,9 +496,7 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
         raise click.UsageError("--workers sets local processes; with --ray, use --ray-workers")
     options = CompareOptions(protocol, limit, workers, repeats, runtime, diagnose, ray)
     comparison = run_compare(fp32_path, int8_path, data, options,
-                             progress=lambda it, n: tqdm(it, total=n, desc="compare", unit="img", file=sys.stderr),
-                             warn=warn, diagnose_progress=lambda it, n: tqdm(it, total=n, desc="diagnose",
-                                                                             unit="tensor", file=sys.stderr))
+                             progress=progress_bar, warn=warn)
     document = write_report(comparison, report_dir)
     mean = document["mean"]
     for name in ("bicubic", "fp32", "int8"):

@@ -32,6 +32,7 @@ from dipnet_deploy.imageio import list_images, read_rgb8, to_uint8_rgb, vendor_p
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.metrics import psnr, ssim
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, time_interleaved
 from dipnet_deploy.sr_protocol import make_pair, score, to_input, unscorable
 from dipnet_deploy.tiling import TiledRunner
@@ -245,15 +246,13 @@ def default_int8_for(fp32_path: Path) -> Path | None:
 
 
 def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: CompareOptions = CompareOptions(),
-            progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it,
-            warn: Callable[[str], None] = print,
-            diagnose_progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it) -> Comparison:
+            progress: Progress = no_progress, warn: Callable[[str], None] = print) -> Comparison:
     """Score ``fp32_path`` (and ``int8_path``, and bicubic) on the HR images under ``data_dir``.
 
     Returns everything the report shows: one row per usable image (PSNR/SSIM on Y and RGB in dB and
     [0, 1], per model; int8's drop and fidelity), their means, the worst image's row and pictures,
     the latency of one forward per 1080p-equivalent frame on this machine, and with ``diagnose``
-    the per-tensor diagnosis. ``progress(iterable, total)`` wraps the loop over images; ``warn``
+    the per-tensor diagnosis. ``progress`` wraps the loops over images and tensors; ``warn``
     gets one line per skipped image or conversion note. Raises InputError for unusable models,
     options or data.
     """
@@ -280,7 +279,7 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     results: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         outcomes, comparison.execution, local = _scorings(files, scorer_args, options, stack)
-        for path, row, problem in progress(outcomes, len(files)):
+        for path, row, problem in progress(outcomes, "compare", len(files)):
             if problem:
                 comparison.skipped.append(problem)
                 warn(f"warning: {problem}")
@@ -306,7 +305,7 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
 
         evaluate = functools.partial(evaluate_image, protocol=options.protocol, scale=fp32.scale)
         comparison.diagnosis = diagnose(int8.path, comparison.rows, options.protocol, fp32.scale,
-                                        evaluate, options.runtime, diagnose_progress)
+                                        evaluate, options.runtime, progress)
     return comparison
 
 

@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 
 from dipnet_deploy.calibrate import PASS2_BUDGET_BYTES
 from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.range_graphs import group_by_budget, session, tensor_shapes, values_model
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
@@ -131,7 +132,7 @@ def signal_to_noise(int8: onnx.ModelProto, pairs: list[QdqPair], inputs: Iterabl
 
 def diagnose(int8_path: Path, rows: list[dict], protocol: str, scale: int,
              evaluate: Callable[[np.ndarray, dict], dict], runtime: str = "onnxruntime",
-             progress: Callable[[Iterable, int], Iterable] = lambda it, _n: it) -> list[dict]:
+             progress: Progress = no_progress) -> list[dict]:
     """One entry per quantized activation of ``int8_path``, sorted by PSNR-Y gain (largest first).
 
     ``rows``: the comparison's per-image rows (``image`` and ``psnr_y["int8"]``); ``evaluate(hr,
@@ -145,7 +146,7 @@ def diagnose(int8_path: Path, rows: list[dict], protocol: str, scale: int,
     sqnr = signal_to_noise(int8, pairs, [first_tile(hr, int8_runner, protocol, scale) for hr in images])
     entries = []
     with tempfile.TemporaryDirectory(prefix="dipnet-diagnose-") as work:
-        for pair in progress(pairs, len(pairs)):
+        for pair in progress(pairs, "diagnose", len(pairs)):
             path = Path(work) / "fallback.onnx"
             onnx.save(float_fallback(int8, [pair]), str(path))
             runners = {"fallback": TiledRunner(str(path), runtime=runtime)}

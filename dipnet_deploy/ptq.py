@@ -17,7 +17,6 @@ The model must be a DIPNet exported by ``export`` (its initializers keep the mod
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -25,6 +24,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qat import FIXED_POINTS, QuantSimDIPNet, model_from_onnx, onnx_point_names, range_owner, tensor_ranges
 
 
@@ -48,7 +48,7 @@ def point_ranges(graph: onnx.GraphProto, tensors: dict[str, tuple[float, float]]
 
 def refine_ranges(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], inputs: np.ndarray,
                   options: AutoOptions = AutoOptions(),
-                  progress: Callable[[Iterable, str], Iterable] = lambda it, _d: it) -> dict[str, tuple[float, float]]:
+                  progress: Progress = no_progress) -> dict[str, tuple[float, float]]:
     """Output-aware ranges for every quantized tensor of ``fp32`` (the model the int8 graph is made from).
 
     ``tensors``: the starting range of each tensor (max calibration); ``inputs``: [N, 3, H, W]
@@ -63,7 +63,7 @@ def refine_ranges(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]]
     rng = np.random.default_rng(options.seed)
     _, _, height, width = inputs.shape
     crop = min(options.crop, height, width)
-    for step in progress(range(options.iters), "auto (output-aware ranges)"):
+    for step in progress(range(options.iters), "auto (output-aware ranges)", options.iters):
         picks = rng.integers(0, len(inputs), options.batch)
         tops, lefts = rng.integers(0, height - crop + 1, options.batch), rng.integers(0, width - crop + 1, options.batch)
         batch = torch.from_numpy(np.stack([inputs[i, :, t:t + crop, s:s + crop] for i, t, s in zip(picks, tops, lefts)]))

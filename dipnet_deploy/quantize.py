@@ -29,6 +29,7 @@ from dipnet_deploy.imageio import list_images, read_rgb8, silent, usable_images,
 from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import OBSERVERS, make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
 from dipnet_deploy.range_graphs import float_tensors
@@ -131,7 +132,7 @@ def ranges_header(model_path: Path, shape: list[int], method: str, parameters: d
 
 
 def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
-                   progress: Callable[[Iterator, str], Iterator] = lambda it, _d: it,
+                   progress: Progress = no_progress,
                    warn: Callable[[str], None] = print) -> dict:
     """Calibrate and return the ranges document (what the ranges JSON holds); refuse a degenerate one."""
     model, shape = check_fp32_model(model_path)
@@ -354,7 +355,7 @@ def refuse_overwrites(model_path: Path, calib_dir: Path | None, ranges_path: Pat
 
 def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | None = None,
              ranges_path: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
-             progress: Callable[[Iterator, str], Iterator] = lambda it, _d: it,
+             progress: Progress = no_progress,
              warn: Callable[[str], None] = print) -> QuantizeResult:
     """Calibrate (or reuse saved ranges) and write the int8 ONNX, its ranges JSON and model card."""
     if options.method not in METHODS:
