@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from _measure import SHARED
 
-from dipnet_deploy.train import TrainConfig, train
+from dipnet_deploy.train import TrainOptions, train
 
 
 def main() -> None:
@@ -22,9 +22,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=200)
     args = parser.parse_args()
     out = Path(tempfile.mkdtemp(prefix="bench-train-")) / "ckpt.pth"
-    config = TrainConfig(data=SHARED / "data" / "train", out=out, expansion=32, iters=args.iters, batch=16, patch=64,
-                         save_every=args.iters)
-    result = train(config, warn=lambda m: None)
+    options = TrainOptions(expansion=32, iters=args.iters, batch=16, patch=64, save_every=args.iters)
+    result = train(SHARED / "data" / "train", out, options, warn=lambda m: None)
     print(f"train x2 (E=32, batch 16, patch 64), {torch.get_num_threads()} threads, {os.cpu_count()} cores: "
           f"{result.iters_per_second:.2f} it/s over {args.iters} iterations")
 

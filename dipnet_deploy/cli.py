@@ -253,17 +253,16 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
     loss, Adam, cosine decay, EMA weights; checkpoints can be resumed (optionally with a
     warm restart of the schedule) and fold on export.
     """
-    from tqdm import tqdm
 
-    from dipnet_deploy.train import TrainConfig
+    from dipnet_deploy.train import TrainOptions
     from dipnet_deploy.train import train as run_train
 
-    config = TrainConfig(data=data, out=out, preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch,
-                         lr=lr, loss=loss, restart=restart, val=val, val_every=val_every, save_every=save_every,
-                         seed=seed, resume=resume, threads=threads)
+    options = TrainOptions(preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch, lr=lr, loss=loss,
+                           restart=restart, val=val, val_every=val_every, save_every=save_every, seed=seed,
+                           resume=resume, threads=threads)
     progress = IterationBar(iters, "train", "val_psnr_y")
     try:
-        result = run_train(config, progress, warn=lambda m: tqdm.write(one_line(m), file=sys.stderr))
+        result = run_train(data, out, options, progress, warn=warn)
     finally:
         progress.close()
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s)")

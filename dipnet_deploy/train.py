@@ -36,11 +36,9 @@ ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least o
 
 
 @dataclass
-class TrainConfig:
-    """Settings of ``train`` (paths included: data, out, val, resume).
+class TrainOptions:
+    """Settings of ``train`` (what it reads and writes, ``data`` and ``out``, are its arguments).
 
-    data: folder of HR images; LR is their MATLAB bicubic x1/scale (uint8), made once in memory.
-    out: the checkpoint written every ``save_every`` iterations and at the end (BasicSR layout).
     preset, expansion: the model variant (``config.PRESETS``) and the RRFB expansion width override.
     iters, batch, patch: iterations, patches per iteration, HR patch side in pixels.
     lr, lr_min: Adam's peak and final learning rate (cosine decay over ``iters``); loss: "l1" or "mse".
@@ -50,8 +48,6 @@ class TrainConfig:
     seed: weights' initialization and the batches drawn (a resumed run continues the same sequence).
     """
 
-    data: Path
-    out: Path = Path("runs/x2/last.pth")
     preset: str = "x2"
     expansion: int | None = None
     iters: int = 1000
@@ -269,8 +265,12 @@ def fit(run: Run, data: PairedPatches, loss_of: Callable[[torch.nn.Module, torch
     return time.perf_counter() - began, loss_value
 
 
-def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[str], None] = print) -> TrainResult:
-    """Run (or continue) training; returns the final checkpoint path and figures."""
+def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progress: Callable | None = None,
+          warn: Callable[[str], None] = print) -> TrainResult:
+    """Train (or continue, ``cfg.resume``) on the HR images under ``data_dir`` (LR: their MATLAB bicubic
+    x1/scale, made once in memory), writing the checkpoint ``out`` every ``save_every`` iterations and at
+    the end (BasicSR layout); returns its path and figures."""
+    data_dir, out = Path(data_dir), Path(out)
     if cfg.preset not in PRESETS:
         raise InputError("--preset", f"unknown preset {cfg.preset!r}")
     if cfg.loss not in LOSSES:
@@ -289,14 +289,14 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
         raise InputError("--patch", f"ESA needs LR patches of at least {ESA_MIN_SIZE}px "
                                     f"(--patch >= {ESA_MIN_SIZE * config.upscale} at x{config.upscale})")
     # --out may be --resume (a run continues its own checkpoint) but never one of the images it reads
-    images = list_images(cfg.data, silent) + (list_images(cfg.val, silent) if cfg.val is not None else [])
-    refuse_collisions([("--out", cfg.out)], [("a --data/--val image", path) for path in images])
-    refuse_replacing_foreign([("checkpoint", cfg.out)])
-    ensure_parent(cfg.out)
+    images = list_images(data_dir, silent) + (list_images(cfg.val, silent) if cfg.val is not None else [])
+    refuse_collisions([("--out", out)], [("a --data/--val image", path) for path in images])
+    refuse_replacing_foreign([("checkpoint", out)])
+    ensure_parent(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = _resume_state(cfg.resume, config) if cfg.resume else None
-    data = PairedPatches(cfg.data, config.upscale, cfg.patch, warn)
+    data = PairedPatches(data_dir, config.upscale, cfg.patch, warn)
     val_pairs = load_val_pairs(cfg.val, config.upscale, warn)
 
     torch.manual_seed(cfg.seed)
@@ -313,8 +313,8 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
     start = run.iteration
 
     def save(wall: float) -> None:
-        with atomic_path(cfg.out) as temp:
-            torch.save(run.payload(config, asdict(cfg), wall), temp)
+        with atomic_path(out) as temp:
+            torch.save(run.payload(config, {"data": data_dir, "out": out, **asdict(cfg)}, wall), temp)
 
     seconds, loss_value = fit(
         run, data, lambda net, lr, hr: LOSSES[cfg.loss](net(lr), hr), iters=cfg.iters, batch=cfg.batch,
@@ -322,4 +322,4 @@ def train(cfg: TrainConfig, progress: Callable | None = None, warn: Callable[[st
         validate_every=cfg.val_every, progress=progress,
         validation=(lambda: {"val_psnr_y": validate(run.ema, val_pairs, config.upscale)}) if val_pairs else None)
     done = cfg.iters - start
-    return TrainResult(cfg.out, cfg.iters, seconds, done / seconds if seconds else 0.0, loss_value, run.history)
+    return TrainResult(out, cfg.iters, seconds, done / seconds if seconds else 0.0, loss_value, run.history)

@@ -214,10 +214,9 @@ def resumable(models) -> Path:
     """A 2-iteration training checkpoint of the x2 preset (E = 8) on the module's HR images."""
     out = models["hr"].parent / "resume.pth"
     if not out.exists():
-        from dipnet_deploy.train import TrainConfig, train
+        from dipnet_deploy.train import TrainOptions, train
 
-        train(TrainConfig(data=models["hr"], out=out, expansion=8, iters=2, batch=1, patch=16, save_every=2),
-              warn=lambda _m: None)
+        train(models["hr"], out, TrainOptions(expansion=8, iters=2, batch=1, patch=16, save_every=2), warn=lambda _m: None)
     return out
 
 

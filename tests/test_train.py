@@ -12,7 +12,7 @@ from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.imageio import list_images, read_rgb8
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score
-from dipnet_deploy.train import TrainConfig, cosine_lr, train
+from dipnet_deploy.train import TrainOptions, cosine_lr, train
 
 from .conftest import EVAL, need
 
@@ -28,10 +28,9 @@ def photos(tmp_path):
     return directory
 
 
-def small(photos, out, **changes):
-    settings = dict(data=photos, out=out, expansion=8, iters=4, batch=2, patch=16, val=photos, val_every=2,
-                    save_every=2, seed=3)
-    return TrainConfig(**(settings | changes))
+def small(photos, **changes) -> TrainOptions:
+    settings = dict(expansion=8, iters=4, batch=2, patch=16, val=photos, val_every=2, save_every=2, seed=3)
+    return TrainOptions(**(settings | changes))
 
 
 def test_smoke_train_checkpoint_exports(photos, tmp_path, invoke):
@@ -54,16 +53,16 @@ def test_smoke_train_checkpoint_exports(photos, tmp_path, invoke):
 
 
 def test_resume_continues_exactly(photos, tmp_path):
-    straight = train(small(photos, tmp_path / "a.pth"), warn=lambda m: None)
+    straight = train(photos, tmp_path / "a.pth", small(photos), warn=lambda m: None)
 
     def stop_after_two(iteration, _loss, _entry):
         if iteration == 2:
             raise KeyboardInterrupt  # the run is killed right after its checkpoint at 2
 
     with pytest.raises(KeyboardInterrupt):
-        train(small(photos, tmp_path / "b.pth"), progress=stop_after_two, warn=lambda m: None)
+        train(photos, tmp_path / "b.pth", small(photos), progress=stop_after_two, warn=lambda m: None)
     assert torch.load(tmp_path / "b.pth", weights_only=True)["iter"] == 2
-    resumed = train(small(photos, tmp_path / "b.pth", resume=tmp_path / "b.pth"), warn=lambda m: None)
+    resumed = train(photos, tmp_path / "b.pth", small(photos, resume=tmp_path / "b.pth"), warn=lambda m: None)
     a = torch.load(straight.out, weights_only=True)
     b = torch.load(resumed.out, weights_only=True)
     assert a["iter"] == b["iter"] == 4
@@ -101,7 +100,7 @@ def test_cosine_schedule_and_warm_restart(photos, tmp_path, invoke):
     assert cosine_lr(50, 0, 100, 1e-3, 1e-6) == pytest.approx((1e-3 + 1e-6) / 2)
     assert cosine_lr(100, 0, 100, 1e-3, 1e-6) == pytest.approx(1e-6)
     first = tmp_path / "first.pth"
-    train(small(photos, first, iters=2), warn=lambda m: None)
+    train(photos, first, small(photos, iters=2), warn=lambda m: None)
     second = tmp_path / "second.pth"
     code, _, err = invoke("train", "--data", photos, "--resume", first, "--restart", "--loss", "mse", "--lr", "2e-4",
                           "--iters", "6", "--batch", "2", "--patch", "16", "--expansion", "8", "--out", second)
@@ -127,9 +126,9 @@ def test_bad_train_input(photos, tmp_path, invoke):
     code, _, err = invoke("train", "--data", photos, "--preset", "x4-ntire", "--patch", "16", "--out", tmp_path / "x.pth")
     assert code == 2 and "ESA needs" in err
     other = tmp_path / "x4.pth"
-    train(small(photos, other, iters=1, preset="x4-ntire", patch=64, batch=1, val=None), warn=lambda m: None)
+    train(photos, other, small(photos, iters=1, preset="x4-ntire", patch=64, batch=1, val=None), warn=lambda m: None)
     good = tmp_path / "good.pth"
-    train(small(photos, good, iters=2), warn=lambda m: None)
+    train(photos, good, small(photos, iters=2), warn=lambda m: None)
     before = good.read_bytes()
     code, _, err = invoke("train", "--data", photos, "--resume", other, "--out", good, "--patch", "16",
                           "--expansion", "8")
