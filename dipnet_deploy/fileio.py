@@ -45,9 +45,9 @@ def refuse_unwritable(path: str | Path, folder: bool = False) -> None:
         raise InputError(path, f"cannot write the output ({existing} is not writable)")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it over ``path``."""
+def temp_beside(path: str | Path) -> Path:
+    """A new, empty temporary file beside ``path`` (hidden, unique: never an existing file), for a
+    writer that renames it over ``path`` when complete; the parent folder is created."""
     path = ensure_parent(path)
     try:
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -58,6 +58,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    return temp
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it over ``path``."""
+    path = Path(path)
+    temp = temp_beside(path)
     try:
         yield temp
         os.replace(temp, path)

@@ -53,15 +53,8 @@ def refuse_collisions(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tupl
 
 def holds_our_report(directory: str | Path) -> bool:
     """Whether ``directory`` holds a ``metrics.json`` written by ``compare``."""
-    metrics = Path(directory) / "metrics.json"
-    if not metrics.is_file():
-        return False
-    try:
-        with open(metrics, "rb") as handle:
-            document = json.loads(handle.read(1 << 24))  # a report's metrics.json is small; never read a huge file
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(document, dict) and str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX)
+    document = _small_json(Path(directory) / "metrics.json")
+    return document is not None and str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX)
 
 
 def written_by_us(path: str | Path) -> bool:
@@ -90,14 +83,21 @@ def refuse_replacing_foreign(outputs: Iterable[tuple[str, Path]]) -> None:
                                    f"{role} (move or delete it first, or choose another path)")
 
 
-def _our_json(path: Path) -> dict | None:
+def _small_json(path: Path) -> dict | None:
+    """The JSON object in the regular file ``path``, or None; our JSON files are small: never read a huge one."""
+    if not path.is_file():
+        return None
     try:
         with open(path, "rb") as handle:
-            document = json.loads(handle.read(1 << 24))  # our cards and ranges files are small
+            document = json.loads(handle.read(1 << 24))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    ours = isinstance(document, dict) and str(document.get("tool", "")).startswith("dipnet-deploy")
-    return document if ours else None
+    return document if isinstance(document, dict) else None
+
+
+def _our_json(path: Path) -> dict | None:
+    document = _small_json(path)
+    return document if document is not None and str(document.get("tool", "")).startswith("dipnet-deploy") else None
 
 
 def _sha256(path: Path) -> str | None:

@@ -35,7 +35,7 @@ import numpy as np
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.compare import inspect_model
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import atomic_path, refuse_unwritable, write_bytes_atomic
+from dipnet_deploy.fileio import atomic_path, refuse_unwritable, temp_beside, write_bytes_atomic
 from dipnet_deploy.imageio import IMAGE_SUFFIXES, not_a_file, read_rgb8, to_uint8_rgb, unreadable_folder
 from dipnet_deploy.runtime import check_parallelism, check_runtime
 from dipnet_deploy.safety import refuse_collisions, same_file
@@ -260,16 +260,17 @@ def _upscale_on_ray(todo: list[Job], model_path: Path, options: UpscaleOptions, 
     """Upscale ``todo`` on Ray workers; the driver writes images and renames finished videos into place.
     ``start()`` begins the progress once the workers are placed; returns ``cluster_description``.
 
-    A video's temporary name is fixed per target (``.NAME.ray.tmp`` beside it), so a retried task
-    rewrites the same file; whatever is left of it when the run stops is removed.
+    Each video gets a temporary file beside its target, made here (``fileio.temp_beside``) before the
+    work, so a retried task rewrites the same file; whatever is left of them when the run stops is removed.
     """
     from dipnet_deploy.cluster import cluster_description, ray_map
 
-    temps = {job.target: job.target.with_name(f".{job.target.name}.ray.tmp") for job in todo if job.video}
-    for temp in temps.values():
-        temp.parent.mkdir(parents=True, exist_ok=True)
-    items = [(job, temps.get(job.target), options) for job in todo]
+    temps: dict[Path, Path] = {}
     try:
+        for job in todo:
+            if job.video:
+                temps[job.target] = temp_beside(job.target)
+        items = [(job, temps.get(job.target), options) for job in todo]
         with ray_map(_ray_runner, (str(model_path), options.ray.cpus_per_worker, options.runtime), _ray_task, items,
                      lambda item: [item[0].source], options.ray) as (count, outcomes):
             execution = cluster_description(options.ray, count)
