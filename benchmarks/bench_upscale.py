@@ -22,6 +22,7 @@ import numpy as np
 
 from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.bench import BenchOptions, bench
+from dipnet_deploy.cli import progress_bar
 from dipnet_deploy.imageio import list_images, read_rgb8
 from dipnet_deploy.quantize import default_calibration_dir
 from dipnet_deploy.upscale import UpscaleOptions, upscale
@@ -59,7 +60,7 @@ def main() -> None:
 
 
 def latency(fp32: Path, int8: Path, args) -> None:
-    summary = bench(fp32, int8, BenchOptions(tuple(args.runtimes), args.repeats, streams=args.streams), progress=print)
+    summary = bench(fp32, int8, BenchOptions(tuple(args.runtimes), args.repeats, streams=args.streams), progress=progress_bar)
     print(f"| runtime | fp32 s/frame | int8 s/frame | int8 speed-up | int8 / {summary['reference']} | "
           f"fp32 fps ({summary['streams']} streams) | int8 fps |")
     for name, entry in summary["runtimes"].items():

@@ -22,6 +22,7 @@ import numpy as np
 
 from dipnet_deploy.compare import check_pair, inspect_model
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, open_session, time_interleaved
 
 
@@ -53,10 +54,10 @@ def stream_throughput(model_path: Path, runtime: str, streams: int, frames: int,
 
 
 def bench(fp32_path: Path, int8_path: Path, options: BenchOptions = BenchOptions(),
-          progress=lambda message: None) -> dict:
+          progress: Progress = no_progress) -> dict:
     """Latency, int8 speed-up and throughput of the pair for each runtime; the summary dict.
 
-    ``progress`` gets a short message before each stage. Keys: ``runtime`` (the first),
+    ``progress`` wraps each loop: loading the sessions, the latency rounds, the throughput runs. Keys: ``runtime`` (the first),
     ``fp32_s``, ``int8_s``, ``speedup`` of the first runtime, and ``runtimes.NAME`` with the same
     keys plus ``int8_vs_reference_fp32`` and, unless ``streams`` is 0, ``fp32_fps`` / ``int8_fps``.
     """
@@ -72,27 +73,24 @@ def bench(fp32_path: Path, int8_path: Path, options: BenchOptions = BenchOptions
     check_parallelism(options.streams, "--streams", shape)
     per_frame = FULL_HD_PIXELS / (shape[2] * shape[3])
     models = {"fp32": fp32.path, "int8": int8.path}
-    progress(f"loading {len(options.runtimes) * 2} sessions")
-    forwards = {(runtime, name): open_session(path, runtime, options.threads).run
-                for runtime in options.runtimes for name, path in models.items()}
-    progress(f"latency: {options.repeats} interleaved rounds")
+    keys = [(runtime, name) for runtime in options.runtimes for name in models]
+    forwards = {key: open_session(models[key[1]], key[0], options.threads).run
+                for key in progress(keys, "load sessions", len(keys))}
     x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    times = time_interleaved(forwards, x, options.repeats)
+    times = time_interleaved(forwards, x, options.repeats, progress)
     forwards.clear()  # free the sessions before the throughput runs make their own
     medians = {key: float(np.median(t)) * per_frame for key, t in times.items()}
     reference = medians[(options.runtimes[0], "fp32")]
     streams = (os.cpu_count() or 1) if options.streams is None else options.streams
+    measured = keys if streams else []
+    fps = {key: stream_throughput(models[key[1]], key[0], streams, options.repeats, shape) / per_frame
+           for key in progress(measured, f"throughput ({streams} stream(s) per model)", len(measured))}
     results = {}
     for runtime in options.runtimes:
-        entry = {"fp32_s": round(medians[(runtime, "fp32")], 4), "int8_s": round(medians[(runtime, "int8")], 4),
-                 "speedup": round(medians[(runtime, "fp32")] / medians[(runtime, "int8")], 3),
-                 "int8_vs_reference_fp32": round(medians[(runtime, "int8")] / reference, 4)}
-        if streams:
-            for name, path in models.items():
-                progress(f"throughput: {runtime} {name}, {streams} stream(s)")
-                fps = stream_throughput(path, runtime, streams, options.repeats, shape) / per_frame
-                entry[f"{name}_fps"] = round(fps, 3)
-        results[runtime] = entry
+        results[runtime] = {"fp32_s": round(medians[(runtime, "fp32")], 4), "int8_s": round(medians[(runtime, "int8")], 4),
+                            "speedup": round(medians[(runtime, "fp32")] / medians[(runtime, "int8")], 3),
+                            "int8_vs_reference_fp32": round(medians[(runtime, "int8")] / reference, 4)}
+        results[runtime] |= {f"{name}_fps": round(fps[(runtime, name)], 3) for name in models if (runtime, name) in fps}
     first = options.runtimes[0]
     return {"runtime": first, **{k: results[first][k] for k in ("fp32_s", "int8_s", "speedup")},
             "reference": f"{first} fp32", "input_shape": shape, "repeats": options.repeats,

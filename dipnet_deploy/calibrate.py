@@ -91,11 +91,11 @@ def channel_ranges(model: onnx.ModelProto, inputs: Collection[np.ndarray], progr
 @dataclass
 class Calibration:
     """Per-tensor ranges of ``model`` (the model to quantize: the input model, equalized when asked) and
-    the equalization factors it was made with."""
+    the equalization scales it was made with."""
 
     ranges: dict[str, tuple[float, float]]
     model: onnx.ModelProto
-    scales: dict[str, np.ndarray] = field(default_factory=dict)  # channel space key -> factors
+    scales: dict[str, np.ndarray] = field(default_factory=dict)  # channel space key -> per-channel equalization scales
 
 
 def calibrate(
@@ -111,8 +111,8 @@ def calibrate(
     """Run the calibration passes; iterating ``inputs`` yields one [1, 3, H, W] float32 array per image
     (it is iterated once per pass, so images are read again rather than kept).
 
-    With ``equalize``, the ranges are those of ``equalize_with(model, factors)`` with the
-    returned factors (the returned ``model``): pass 1 measures the original, and histogram methods
+    With ``equalize``, the ranges are those of ``equalize_with(model, scales)`` with the
+    returned scales (the returned ``model``): pass 1 measures the original, and histogram methods
     run pass 2 on the equalized model.
     """
     input_name = model.graph.input[0].name

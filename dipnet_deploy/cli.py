@@ -193,28 +193,25 @@ def info(path, height, width, as_json):
         emit_json(summary)
 
 
-class IterationBar:
-    """A training progress bar (stderr) with the loss and the latest validation figure ``shown``."""
+def loop_options(iters: int, batch: int, val_every: int, save_every: int):
+    """The options of a training loop that `train` and `finetune` share (each with its own defaults)."""
+    options = (
+        click.option("--iters", type=click.IntRange(1), default=iters, show_default=True,
+                     help="Total iterations (a resumed run continues up to this count)."),
+        click.option("--batch", type=click.IntRange(1), default=batch, show_default=True, help="Patches per iteration."),
+        click.option("--val-every", type=click.IntRange(1), default=val_every, show_default=True,
+                     help="Validate every K iterations."),
+        click.option("--save-every", type=click.IntRange(1), default=save_every, show_default=True,
+                     help="Write the checkpoint every K iterations (atomically)."),
+        click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores)."),
+    )
 
-    def __init__(self, total: int, desc: str, shown: str):
-        self.total, self.desc, self.shown = total, desc, shown
-        self.bar, self.value = None, None
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
 
-    def __call__(self, iteration: int, loss: float, entry: dict | None) -> None:
-        from tqdm import tqdm
-
-        if self.bar is None:  # made on the first iteration, so a resumed run starts where it was
-            self.bar = tqdm(total=self.total, initial=iteration - 1, desc=self.desc, unit="it", dynamic_ncols=True,
-                            file=sys.stderr)
-        if entry:
-            self.value = entry[self.shown]
-        postfix = {"loss": f"{loss:.4g}"} | ({self.shown: f"{self.value:.3f}"} if self.value is not None else {})
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    return decorate
 
 
 @main.command()
@@ -222,9 +219,7 @@ class IterationBar:
               help="Directory of HR training images (searched recursively).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="x2", show_default=True, help="Model variant.")
 @click.option("--expansion", type=click.IntRange(1), help="Width E of the training-form 3x3 branch.")
-@click.option("--iters", type=click.IntRange(1), default=30000, show_default=True,
-              help="Total iterations (a resumed run continues up to this count).")
-@click.option("--batch", type=click.IntRange(1), default=16, show_default=True, help="Patches per iteration.")
+@loop_options(iters=30000, batch=16, val_every=1000, save_every=500)
 @click.option("--patch", type=click.IntRange(2), default=64, show_default=True, help="HR patch side in pixels.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True,
               help="Peak Adam learning rate of the cosine cycle (decays to 1e-6 at --iters).")
@@ -234,15 +229,11 @@ class IterationBar:
               help="With --resume: start a new cosine cycle at --lr from the resumed iteration (warm restart, "
                    "e.g. for a fine-tune). Without it a resumed run continues its cycle.")
 @click.option("--val", type=click.Path(path_type=Path), help="HR validation images (Y-PSNR, crop = scale).")
-@click.option("--val-every", type=click.IntRange(1), default=1000, show_default=True, help="Validate every K iterations.")
-@click.option("--save-every", type=click.IntRange(1), default=500, show_default=True,
-              help="Write the checkpoint every K iterations (atomically).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("runs/x2/last.pth"),
               show_default=True, help="Checkpoint to write (BasicSR layout with optimizer state).")
 @click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this checkpoint.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
               help="Seed for weights init and batches.")
-@click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
 @json_option
 @user_errors
 def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, val_every, save_every, out, resume, seed,
@@ -260,11 +251,7 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
     options = TrainOptions(preset=preset, expansion=expansion, iters=iters, batch=batch, patch=patch, lr=lr, loss=loss,
                            restart=restart, val=val, val_every=val_every, save_every=save_every, seed=seed,
                            resume=resume, threads=threads)
-    progress = IterationBar(iters, "train", "val_psnr_y")
-    try:
-        result = run_train(data, out, options, progress, warn=warn)
-    finally:
-        progress.close()
+    result = run_train(data, out, options, progress_bar, warn=warn)
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s)")
     if as_json:
         last = result.history[-1] if result.history else {}
@@ -278,9 +265,7 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
               help="Weights to fine-tune: any checkpoint `export` accepts. Default: the packaged x2 weights.")
 @click.option("--data", type=click.Path(path_type=Path), required=True,
               help="Directory of HR training images (searched recursively; never the evaluation sets).")
-@click.option("--iters", type=click.IntRange(1), default=3000, show_default=True,
-              help="Total iterations (a resumed run continues up to this count).")
-@click.option("--batch", type=click.IntRange(1), default=32, show_default=True, help="Patches per iteration.")
+@loop_options(iters=3000, batch=32, val_every=500, save_every=250)
 @click.option("--patch", type=click.IntRange(2), help="HR patch side in pixels. Default: 32 x scale.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Peak Adam learning rate of the weights (cosine decay to 1% at --iters).")
@@ -296,14 +281,10 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
               help="Distance to the target.")
 @click.option("--val", type=click.Path(path_type=Path),
               help="HR validation images: the bar shows the simulated int8 drop vs the original fp32 (Y-PSNR).")
-@click.option("--val-every", type=click.IntRange(1), default=500, show_default=True, help="Validate every K iterations.")
-@click.option("--save-every", type=click.IntRange(1), default=250, show_default=True,
-              help="Write the checkpoint every K iterations (atomically).")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=Path("runs/finetune/last.pth"),
               show_default=True, help="Checkpoint to write: deploy-form params/params_ema plus the learned ranges.")
 @click.option("--resume", type=click.Path(path_type=Path, dir_okay=False), help="Continue from this finetune checkpoint.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed for the batches.")
-@click.option("--threads", type=click.IntRange(1), help="PyTorch CPU threads (default: all cores).")
 @click.option("--device", default="cpu", show_default=True,
               help="Torch device to train on, e.g. cuda (the checkpoint is the same either way).")
 @json_option
@@ -318,7 +299,6 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
     ONNX, and `quantize --method learned` writes the int8 model from exactly those ranges.
     Compare the result against the ORIGINAL fp32 model (`compare --fp32 original.onnx`).
     """
-    from tqdm import tqdm
 
     from dipnet_deploy.finetune import FinetuneOptions
     from dipnet_deploy.finetune import finetune as run_finetune
@@ -326,12 +306,7 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
     options = FinetuneOptions(iters=iters, batch=batch, patch=patch, lr=lr, range_lr=range_lr, target=target, loss=loss,
                               val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
                               threads=threads, equalize=equalize, device=device)
-    progress = IterationBar(iters, "finetune", "val_drop_db")
-    try:
-        result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress,
-                              warn=lambda m: tqdm.write(one_line(m), file=sys.stderr))
-    finally:
-        progress.close()
+    result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress_bar, warn=warn)
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s, "
                f"{result.points} learned activation ranges)")
     if as_json:
@@ -347,7 +322,8 @@ runtime_option = click.option("--runtime", type=click.Choice(RUNTIMES), default=
                               help=RUNTIME_HELP)
 
 
-PROGRESS_UNITS = {"calibrate": "img", "compare": "img", "diagnose": "tensor", "auto": "step"}
+PROGRESS_UNITS = {"calibrate": "img", "compare": "img", "diagnose": "tensor", "auto": "step", "upscale": "frame",
+                  "latency": "round", "throughput": "model", "load": "session"}
 
 
 def progress_bar(iterable, description: str, total: int | None = None):
@@ -550,23 +526,12 @@ def upscale(inputs, model, output, runtime, threads, codec, crf, overwrite, ray,
     and audio (copied); every frame is upscaled and re-encoded (H.264 by default, --codec/--crf).
     Inputs that cannot be read are skipped with a warning.
     """
-    from tqdm import tqdm
 
     from dipnet_deploy.upscale import UpscaleOptions
     from dipnet_deploy.upscale import upscale as run_upscale
 
-    bars = []
-
-    def progress(total: int):
-        bars.append(tqdm(total=total or None, desc="upscale", unit="frame", dynamic_ncols=True, file=sys.stderr))
-        return lambda: bars[0].update(1)
-
-    try:
-        result = run_upscale(list(inputs), model, output, UpscaleOptions(runtime, threads, codec, crf, overwrite, ray),
-                             progress=progress, warn=warn)
-    finally:
-        for bar in bars:
-            bar.close()
+    result = run_upscale(list(inputs), model, output, UpscaleOptions(runtime, threads, codec, crf, overwrite, ray),
+                         progress=progress_bar, warn=warn)
     summary = result.summary(output, runtime)
     click.echo(f"wrote {summary['files']} file(s) to {output} ({summary['images']} image(s), {summary['videos']} "
                f"video(s), {summary['frames']} frames, {summary['frames_per_s']} frames/s; {summary['skipped']} skipped)")
@@ -601,7 +566,7 @@ def bench(fp32_path, int8_path, runtimes, repeats, threads, streams, as_json):
     from dipnet_deploy.bench import bench as run_bench
     int8_path = int8_path or default_int8_path(fp32_path)
     summary = run_bench(fp32_path, int8_path, BenchOptions(runtimes or ("onnxruntime",), repeats, threads, streams),
-                        progress=lambda message: click.echo(f"bench: {message}", err=True))
+                        progress=progress_bar)
     click.echo(f"{'runtime':<12} {'fp32 s/frame':>12} {'int8 s/frame':>12} {'speed-up':>9} "
                f"{'int8 / ' + summary['reference']:>24} {'fp32 fps':>9} {'int8 fps':>9}")
     for name, entry in summary["runtimes"].items():

@@ -7,14 +7,14 @@ the network computes the same function, yet channel c now uses s_c times more of
 its rounding noise reaches the next layer divided by s_c. (The activation-side twin of the
 cross-layer equalization of Nagel et al., "Data-Free Quantization", 2019.)
 
-A *channel space* is a set of tensors whose channel c must carry the same factor: Conv outputs
+A *channel space* is a set of tensors whose channel c must carry the same scale: Conv outputs
 are scaled through their weights (and bias); LeakyRelu, Relu, MaxPool, linear Resize, Add (all
-inputs) and a Mul by an unscaled Sigmoid gate commute with a positive per-channel factor and
+inputs) and a Mul by an unscaled Sigmoid gate commute with a positive per-channel scale and
 join their inputs' space; Convs reading the space divide their input-channel weights. A space
 touched by anything else (the graph input and output, DepthToSpace, Sigmoid, grouped or shared
-weights) keeps factor 1.
+weights) keeps scale 1.
 
-s_c is the largest factor that grows no range: over every tensor of the space, channel c times
+s_c is the largest scale that grows no range: over every tensor of the space, channel c times
 s_c stays inside the tensor's observed [min, max] (its [-m, m] for symmetric activations). So
 each tensor keeps its `max` range, and the equalized model's ranges follow from the original's
 per-channel ranges: no second pass. With per-tensor weight scales, s_c is also capped so that the
@@ -29,13 +29,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-MAX_SCALE = 64.0  # a channel that is (nearly) always 0 would otherwise get an unbounded factor
+MAX_SCALE = 64.0  # a channel that is (nearly) always 0 would otherwise get an unbounded scale
 HOMOGENEOUS = {"LeakyRelu", "Relu", "MaxPool", "Add"}  # f(s x) = s f(x) for s > 0, per channel
 
 
 @dataclass
 class ChannelSpace:
-    """Tensors sharing one per-channel factor, and the Conv weights that carry it."""
+    """Tensors sharing one per-channel scale, and the Conv weights that carry it."""
 
     key: str  # the first tensor in graph order: names the space in the ranges JSON
     channels: int = 0
@@ -120,9 +120,9 @@ def _is_gate(node: onnx.NodeProto | None) -> bool:
 def equalization_scales(model: onnx.ModelProto, spaces: list[ChannelSpace], low: dict[str, np.ndarray],
                         high: dict[str, np.ndarray], per_channel_weights: bool = True,
                         symmetric_activations: bool = False, max_scale: float = MAX_SCALE) -> dict[str, np.ndarray]:
-    """Per-channel factor of each space from per-channel ranges ``low``/``high`` (float32 arrays).
+    """Per-channel equalization scale of each space from per-channel ranges ``low``/``high`` (float32 arrays).
 
-    Factor of channel c: the largest s in [1, max_scale] keeping s * channel range inside every
+    Scale of channel c: the largest s in [1, max_scale] keeping s * channel range inside every
     tensor's quantization range of the space, [min, max] (or [-m, m], m = max |x|, for symmetric
     activations), and, for per-tensor weights, inside the producing Conv's weight range.
     """
@@ -149,28 +149,28 @@ def equalization_scales(model: onnx.ModelProto, spaces: list[ChannelSpace], low:
 
 
 def equalize_with(model: onnx.ModelProto, scales: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """``model`` rescaled by ``scales`` (channel space key -> factors): the one place a model is equalized,
-    whether the factors were just computed (``calibrate``) or read back from a ranges file (``quantize``)."""
+    """``model`` rescaled by ``scales`` (channel space key -> per-channel scales): the one place a model is equalized,
+    whether the scales were just computed (``calibrate``) or read back from a ranges file (``quantize``)."""
     return apply_equalization(model, channel_spaces(model), scales)
 
 
 def apply_equalization(model: onnx.ModelProto, spaces: list[ChannelSpace], scales: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` with each space's channels multiplied by its factors (same function)."""
+    """A copy of ``model`` with each space's channels multiplied by its scales (same function)."""
     equalized = onnx.ModelProto()
     equalized.CopyFrom(model)
     initializers = {init.name: init for init in equalized.graph.initializer}
     arrays = {name: numpy_helper.to_array(init).astype(np.float32) for name, init in initializers.items()}
     touched: set[str] = set()
     for space in spaces:
-        factor = scales[space.key]
+        scale = scales[space.key]
         for weight, bias in space.producers:
-            arrays[weight] = arrays[weight] * factor.reshape(-1, 1, 1, 1)
+            arrays[weight] = arrays[weight] * scale.reshape(-1, 1, 1, 1)
             touched.add(weight)
             if bias is not None:
-                arrays[bias] = arrays[bias] * factor
+                arrays[bias] = arrays[bias] * scale
                 touched.add(bias)
         for weight in space.consumers:
-            arrays[weight] = arrays[weight] / factor.reshape(1, -1, 1, 1)
+            arrays[weight] = arrays[weight] / scale.reshape(1, -1, 1, 1)
             touched.add(weight)
     for name in sorted(touched):
         initializers[name].CopyFrom(numpy_helper.from_array(arrays[name].astype(np.float32), name))
@@ -179,10 +179,10 @@ def apply_equalization(model: onnx.ModelProto, spaces: list[ChannelSpace], scale
 
 def equalized_channel_ranges(spaces: list[ChannelSpace], scales: dict[str, np.ndarray], low: dict[str, np.ndarray],
                              high: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-channel ranges of the equalized model: those of the original times the factors."""
+    """Per-channel ranges of the equalized model: those of the original times the scales."""
     low, high = dict(low), dict(high)
     for space in spaces:
-        factor = scales[space.key]
+        scale = scales[space.key]
         for name in space.tensors:
-            low[name], high[name] = low[name] * factor, high[name] * factor
+            low[name], high[name] = low[name] * scale, high[name] * scale
     return low, high

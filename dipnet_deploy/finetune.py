@@ -33,29 +33,28 @@ from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_onnx
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, silent
+from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qat import FIXED_POINTS, QAT_FORMAT, QuantSimDIPNet, model_from_onnx, observe_ranges
 from dipnet_deploy.range_graphs import tensor_shapes
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
-from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, PairedPatches, fit, load_val_pairs, make_run
+from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, LoopOptions, PairedPatches, fit, load_val_pairs, make_run
 
 TARGETS = ("gt", "teacher", "mix")
 TRAINING_DEVICES = ("cpu", "cuda", "mps", "xpu")
-EQUALIZATION_IMAGES = 16  # evenly spaced training images measure the equalization factors
+EQUALIZATION_IMAGES = 16  # evenly spaced training images measure the equalization scales
 
 
 @dataclass
-class FinetuneOptions:
-    """Settings of ``finetune``.
+class FinetuneOptions(LoopOptions):
+    """Settings of ``finetune``; the loop's are ``train.LoopOptions``' (with these defaults).
 
-    iters: total iterations (a resumed run continues up to this count).
-    batch: patches per iteration. patch: HR patch side in pixels (None: 32 x scale).
+    patch: HR patch side in pixels (None: 32 x scale).
     lr: peak Adam learning rate of the weights; range_lr: of the activation ranges (both decay
         by cosine to lr_min_ratio x peak at ``iters``).
     target: what the output is pulled towards: "gt" (the HR patch), "teacher" (the original
         fp32 model's output: distillation), "mix" (the mean of both losses).
-    loss: "l1" or "mse" (``train.LOSSES``).
-    val: HR images for the validation drop (original fp32 Y-PSNR minus simulated int8's).
+    val: scored by the validation drop (original fp32 Y-PSNR minus simulated int8's).
     equalize: start from the activation-equalized model (``equalize``; the same function in
         float, each channel spanning more of its uint8 range) rather than the checkpoint's weights.
     device: where the models and batches live; the checkpoint is written with CPU tensors.
@@ -63,19 +62,12 @@ class FinetuneOptions:
 
     iters: int = 3000
     batch: int = 32
-    patch: int | None = None
     lr: float = 1e-4
+    save_every: int = 250
+    patch: int | None = None
     range_lr: float = 1e-3
     lr_min_ratio: float = 0.01
     target: str = "teacher"
-    loss: str = "l1"
-    ema_decay: float = 0.999
-    val: Path | None = None
-    val_every: int = 500
-    save_every: int = 250
-    seed: int = 0
-    resume: Path | None = None
-    threads: int | None = None
     equalize: bool = True
     device: str = "cpu"  # a torch device ("cuda", "cuda:1", "mps"): where the fine-tune runs
 
@@ -157,7 +149,7 @@ def _restore_ranges(sim: QuantSimDIPNet, ranges: dict, path: Path) -> None:
 
 
 def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions = FinetuneOptions(),
-             progress: Callable | None = None, warn: Callable[[str], None] = print) -> FinetuneResult:
+             progress: Progress = no_progress, warn: Callable[[str], None] = print) -> FinetuneResult:
     """Quantization-aware fine-tuning of ``checkpoint`` on HR images in ``data``; writes ``out``."""
     loaded: LoadedCheckpoint = load_checkpoint(checkpoint)
     config = loaded.config
@@ -238,10 +230,8 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
         with atomic_path(out) as temp:
             torch.save(payload, temp)
 
-    seconds, loss_value = fit(run, patches, loss_of, iters=options.iters, batch=options.batch, seed=options.seed,
-                              ema_decay=options.ema_decay, save=save, save_every=options.save_every,
-                              validate_every=options.val_every, validation=validation if val_pairs else None,
-                              progress=progress, device=options.device)
+    seconds, loss_value = fit(run, patches, loss_of, options, save, validation=validation if val_pairs else None,
+                              progress=progress, description="finetune", device=options.device)
     done = options.iters - start
     return FinetuneResult(out, options.iters, seconds, done / seconds if seconds else 0.0, loss_value,
                           len(sim.names), run.history)

@@ -166,7 +166,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
         "equalization": {
             "max_scale": MAX_SCALE, "per_channel_weights": options.per_channel,
             "symmetric_activations": options.symmetric_activations,
-            "scales": {key: factors.tolist() for key, factors in calibration.scales.items()},
+            "scales": {key: scales.tolist() for key, scales in calibration.scales.items()},
         } if options.equalize else None,
         "tensors_of": "the model with `equalization` applied" if options.equalize else "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
@@ -271,14 +271,14 @@ def equalized_model(model_path: Path, document: dict, document_path: Path) -> on
     saved = saved if isinstance(saved, dict) else {}
     channels = {space.key: space.channels for space in spaces}
     try:
-        factors = {key: np.asarray(values, np.float32) for key, values in saved.items()}
+        scales = {key: np.asarray(values, np.float32) for key, values in saved.items()}
     except (TypeError, ValueError):
-        factors = {}
-    if sorted(factors) != sorted(channels) or any(
-            factors[key].shape != (count,) or not np.all(np.isfinite(factors[key]) & (factors[key] > 0))
+        scales = {}
+    if sorted(scales) != sorted(channels) or any(
+            scales[key].shape != (count,) or not np.all(np.isfinite(scales[key]) & (scales[key] > 0))
             for key, count in channels.items()):
-        raise InputError(document_path, "its equalization factors do not fit this model's channel spaces")
-    return equalize_with(model, factors)
+        raise InputError(document_path, "its equalization scales do not fit this model's channel spaces")
+    return equalize_with(model, scales)
 
 
 def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path, options: QuantizeOptions) -> None:
@@ -310,10 +310,10 @@ def equalization_summary(document: dict) -> dict | None:
     """How much the activation equalization rescaled (None when it was off)."""
     if not document.get("equalization"):
         return None
-    factors = np.concatenate([np.asarray(f) for f in document["equalization"]["scales"].values()] or [np.ones(0)])
-    return {"channel_spaces": len(document["equalization"]["scales"]), "channels": int(factors.size),
-            "rescaled_channels": int(np.sum(factors > 1)),
-            "median_factor": round(float(np.median(factors)), 3) if factors.size else None}
+    scales = np.concatenate([np.asarray(s) for s in document["equalization"]["scales"].values()] or [np.ones(0)])
+    return {"channel_spaces": len(document["equalization"]["scales"]), "channels": int(scales.size),
+            "rescaled_channels": int(np.sum(scales > 1)),
+            "median_scale": round(float(np.median(scales)), 3) if scales.size else None}
 
 
 def quantized_conv_report(model: onnx.ModelProto) -> dict:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.progress import Progress, no_progress
 
 RUNTIMES = ("onnxruntime", "openvino")
 MAX_THREADS_PER_CORE = 4  # more threads (or parallel sessions) than this per core only measure contention
@@ -101,7 +102,7 @@ def open_session(model: str | Path, runtime: str = "onnxruntime", threads: int |
 
 
 def time_interleaved(forwards: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray,
-                     repeats: int) -> dict[str, list[float]]:
+                     repeats: int, progress: Progress = no_progress) -> dict[str, list[float]]:
     """Seconds of ``repeats`` calls of each forward on ``x``, after one warm-up call each.
 
     The calls are interleaved (one of each per round, in dict order), so drifts in the machine's
@@ -110,7 +111,7 @@ def time_interleaved(forwards: dict[str, Callable[[np.ndarray], np.ndarray]], x:
     times: dict[str, list[float]] = {name: [] for name in forwards}
     for forward in forwards.values():
         forward(x)
-    for _ in range(repeats):
+    for _ in progress(range(repeats), "latency (interleaved rounds)", repeats):
         for name, forward in forwards.items():
             began = time.perf_counter()
             forward(x)

@@ -29,6 +29,7 @@ from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, ensure_parent
 from dipnet_deploy.imageio import list_images, silent, usable_images
+from dipnet_deploy.progress import Progress, no_progress, show
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
 
@@ -36,27 +37,22 @@ ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least o
 
 
 @dataclass
-class TrainOptions:
-    """Settings of ``train`` (what it reads and writes, ``data`` and ``out``, are its arguments).
+class LoopOptions:
+    """Settings of the training loop (``fit``) that ``train`` and ``finetune`` share; each sets its defaults.
 
-    preset, expansion: the model variant (``config.PRESETS``) and the RRFB expansion width override.
-    iters, batch, patch: iterations, patches per iteration, HR patch side in pixels.
-    lr, lr_min: Adam's peak and final learning rate (cosine decay over ``iters``); loss: "l1" or "mse".
-    restart: with ``resume``, a new cosine cycle from ``lr`` starting at the resumed iteration.
+    iters: total iterations (a resumed run continues up to this count); batch: patches per iteration.
+    lr: peak Adam learning rate of the cosine cycle; loss: "l1" or "mse" (``LOSSES``).
     ema_decay: of the weights' exponential moving average (``params_ema``, what export prefers).
-    val, val_every: HR images for the Y-PSNR validation (crop = scale), and how often it runs.
-    seed: weights' initialization and the batches drawn (a resumed run continues the same sequence).
+    val, val_every: HR validation images and how often they are scored; save_every: how often the
+    checkpoint is written (atomically; and at the end). seed: the batches drawn (a resumed run
+    continues the same sequence). resume: the checkpoint to continue. threads: PyTorch CPU threads
+    (None: all cores).
     """
 
-    preset: str = "x2"
-    expansion: int | None = None
     iters: int = 1000
     batch: int = 16
-    patch: int = 64  # HR patch side
     lr: float = 5e-4
-    lr_min: float = 1e-6
     loss: str = "l1"  # "mse" fine-tunes for PSNR, as NTIRE efficient-SR entries do after the L1 stage
-    restart: bool = False  # with resume: a new cosine cycle from lr, starting at the resumed iteration
     ema_decay: float = 0.999
     val: Path | None = None
     val_every: int = 500
@@ -64,6 +60,24 @@ class TrainOptions:
     seed: int = 0
     resume: Path | None = None
     threads: int | None = None
+
+
+@dataclass
+class TrainOptions(LoopOptions):
+    """Settings of ``train`` (what it reads and writes, ``data`` and ``out``, are its arguments); the
+    loop's are ``LoopOptions``'.
+
+    preset, expansion: the model variant (``config.PRESETS``) and the RRFB expansion width override.
+    patch: HR patch side in pixels. lr_min: the final learning rate of the cosine decay.
+    restart: with ``resume``, a new cosine cycle from ``lr`` starting at the resumed iteration.
+    val: scored by Y-PSNR (crop = scale). seed: also the weights' initialization.
+    """
+
+    preset: str = "x2"
+    expansion: int | None = None
+    patch: int = 64
+    lr_min: float = 1e-6
+    restart: bool = False
 
 
 @dataclass
@@ -223,22 +237,24 @@ def make_run(model: torch.nn.Module, groups: list[dict], floor_ratio: float) -> 
 
 
 def fit(run: Run, data: PairedPatches, loss_of: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
-        *, iters: int, batch: int, seed: int, ema_decay: float, save: Callable[[float], None], save_every: int,
-        validate_every: int = 0, validation: Callable[[], dict] | None = None,
-        progress: Callable | None = None, device: str | torch.device = "cpu") -> tuple[float, float]:
-    """Run iterations ``run.iteration + 1 .. iters``; returns (seconds, last loss).
+        settings: LoopOptions, save: Callable[[float], None], validation: Callable[[], dict] | None = None,
+        progress: Progress = no_progress, description: str = "train",
+        device: str | torch.device = "cpu") -> tuple[float, float]:
+    """Run iterations ``run.iteration + 1 .. settings.iters``; returns (seconds, last loss).
 
-    Batches of iteration i come from ``(seed, i)`` alone, so a resumed run draws what an
-    uninterrupted one would. ``save(wall_seconds)`` writes the checkpoint every ``save_every``
-    iterations and at the end; ``validation()`` returns a history entry every
-    ``validate_every``. A non-finite loss stops the run before the step, keeping the last
-    checkpoint written. Batches go to ``device``, where the models must be.
+    Batches of iteration i come from ``(settings.seed, i)`` alone, so a resumed run draws what an
+    uninterrupted one would. ``save(wall_seconds)`` writes the checkpoint every ``settings.save_every``
+    iterations and at the end; ``validation()`` returns a history entry every ``settings.val_every``.
+    A non-finite loss stops the run before the step, keeping the last checkpoint written. Batches
+    go to ``device``, where the models must be. ``progress`` wraps the iterations still to run
+    (``description``), showing the loss and the latest validation figures.
     """
-    began, loss_value = time.perf_counter(), math.nan
-    while run.iteration < iters:
-        iteration = run.iteration + 1
-        rng = np.random.default_rng([seed, iteration])
-        lr_batch, hr_batch = (tensor.to(device) for tensor in data.batch(rng, batch))
+    iters = settings.iters
+    began, loss_value, figures = time.perf_counter(), math.nan, {}
+    loop = progress(range(run.iteration + 1, iters + 1), description, iters - run.iteration)
+    for iteration in loop:
+        rng = np.random.default_rng([settings.seed, iteration])
+        lr_batch, hr_batch = (tensor.to(device) for tensor in data.batch(rng, settings.batch))
         for group in run.optimizer.param_groups:
             group["lr"] = cosine_lr(iteration, run.cycle_start, iters, group["peak_lr"], group["floor_lr"])
         loss = loss_of(run.model, lr_batch, hr_batch)
@@ -251,21 +267,21 @@ def fit(run: Run, data: PairedPatches, loss_of: Callable[[torch.nn.Module, torch
         run.optimizer.step()
         with torch.no_grad():
             for target, source in zip(run.ema.parameters(), run.model.parameters()):
-                target.lerp_(source, 1.0 - ema_decay)
+                target.lerp_(source, 1.0 - settings.ema_decay)
         run.iteration = iteration
         entry = None
-        if validation and (iteration % validate_every == 0 or iteration == iters):
+        if validation and (iteration % settings.val_every == 0 or iteration == iters):
             entry = {"iter": iteration, "loss": loss_value} | validation()
             entry["wall_seconds"] = round(run.wall_before + time.perf_counter() - began, 1)
             run.history.append(entry)
-        if iteration % save_every == 0 or iteration == iters:
+            figures = {name: value for name, value in entry.items() if name not in ("iter", "loss", "wall_seconds")}
+        if iteration % settings.save_every == 0 or iteration == iters:
             save(run.wall_before + time.perf_counter() - began)
-        if progress:
-            progress(iteration, loss_value, entry)
+        show(loop, loss=loss_value, **figures)
     return time.perf_counter() - began, loss_value
 
 
-def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progress: Callable | None = None,
+def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progress: Progress = no_progress,
           warn: Callable[[str], None] = print) -> TrainResult:
     """Train (or continue, ``cfg.resume``) on the HR images under ``data_dir`` (LR: their MATLAB bicubic
     x1/scale, made once in memory), writing the checkpoint ``out`` every ``save_every`` iterations and at
@@ -317,9 +333,8 @@ def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progres
             torch.save(run.payload(config, {"data": data_dir, "out": out, **asdict(cfg)}, wall), temp)
 
     seconds, loss_value = fit(
-        run, data, lambda net, lr, hr: LOSSES[cfg.loss](net(lr), hr), iters=cfg.iters, batch=cfg.batch,
-        seed=cfg.seed, ema_decay=cfg.ema_decay, save=save, save_every=cfg.save_every,
-        validate_every=cfg.val_every, progress=progress,
-        validation=(lambda: {"val_psnr_y": validate(run.ema, val_pairs, config.upscale)}) if val_pairs else None)
+        run, data, lambda net, lr, hr: LOSSES[cfg.loss](net(lr), hr), cfg, save,
+        validation=(lambda: {"val_psnr_y": validate(run.ema, val_pairs, config.upscale)}) if val_pairs else None,
+        progress=progress)
     done = cfg.iters - start
     return TrainResult(out, cfg.iters, seconds, done / seconds if seconds else 0.0, loss_value, run.history)

@@ -37,6 +37,7 @@ from dipnet_deploy.compare import inspect_model
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import atomic_path, refuse_unwritable, temp_beside, write_bytes_atomic
 from dipnet_deploy.imageio import IMAGE_SUFFIXES, not_a_file, read_rgb8, to_uint8_rgb, unreadable_folder
+from dipnet_deploy.progress import Progress, no_progress, ticks
 from dipnet_deploy.runtime import check_parallelism, check_runtime
 from dipnet_deploy.safety import refuse_collisions, same_file
 from dipnet_deploy.sr_protocol import to_input
@@ -167,11 +168,10 @@ def upscale_job(runner: TiledRunner, job: Job, options: UpscaleOptions, tick: Ca
 
 
 def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: UpscaleOptions = UpscaleOptions(),
-            progress: Callable[[int], Callable[[], None]] = lambda total: lambda: None,
-            warn: Callable[[str], None] = print) -> UpscaleResult:
+            progress: Progress = no_progress, warn: Callable[[str], None] = print) -> UpscaleResult:
     """Upscale ``inputs`` (images, videos, folders) into ``output_dir``; see the module conventions.
 
-    ``progress(total_frames)`` returns a function called once per image or video frame.
+    ``progress`` counts images and video frames ("upscale", the total the video headers declare).
     """
     check_runtime(options.runtime)
     if options.codec is not None:
@@ -217,15 +217,16 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
 
     try:
         if options.ray is not None:
-            result.execution = _upscale_on_ray(todo, model_path, options, lambda: progress(total), warn, done, failed)
+            result.execution = _upscale_on_ray(todo, model_path, options, lambda: ticks(progress, "upscale", total or None),
+                                               warn, done, failed)
         else:
             runner = TiledRunner(str(model_path), options.threads, runtime=options.runtime)
-            tick = progress(total)
-            for job in todo:
-                try:
-                    done(job, upscale_job(runner, job, options, tick, warn))
-                except InputError as error:
-                    failed(error)
+            with ticks(progress, "upscale", total or None) as tick:
+                for job in todo:
+                    try:
+                        done(job, upscale_job(runner, job, options, tick, warn))
+                    except InputError as error:
+                        failed(error)
     finally:
         for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # folders we made that stayed empty
             with contextlib.suppress(OSError):
@@ -254,7 +255,8 @@ def _ray_task(runner: TiledRunner, item: tuple[Job, Path | None, UpscaleOptions]
     return data, notes, 1
 
 
-def _upscale_on_ray(todo: list[Job], model_path: Path, options: UpscaleOptions, start: Callable[[], Callable[[], None]],
+def _upscale_on_ray(todo: list[Job], model_path: Path, options: UpscaleOptions,
+                    start: Callable[[], contextlib.AbstractContextManager[Callable[[], None]]],
                     warn: Callable[[str], None], done: Callable[[Job, int], None],
                     failed: Callable[[InputError], None]) -> dict:
     """Upscale ``todo`` on Ray workers; the driver writes images and renames finished videos into place.
@@ -274,22 +276,22 @@ def _upscale_on_ray(todo: list[Job], model_path: Path, options: UpscaleOptions, 
         with ray_map(_ray_runner, (str(model_path), options.ray.cpus_per_worker, options.runtime), _ray_task, items,
                      lambda item: [item[0].source], options.ray) as (count, outcomes):
             execution = cluster_description(options.ray, count)
-            tick = start()
-            for outcome in outcomes:
-                job = outcome.item[0]
-                if outcome.error is not None:
-                    failed(outcome.error)
-                    continue
-                data, notes, frames = outcome.value
-                for note in notes:
-                    warn(f"note: {job.source}: {note}")
-                if job.video:
-                    os.replace(temps[job.target], job.target)
-                else:
-                    write_bytes_atomic(job.target, data)
-                for _ in range(frames):
-                    tick()
-                done(job, frames)
+            with start() as tick:
+                for outcome in outcomes:
+                    job = outcome.item[0]
+                    if outcome.error is not None:
+                        failed(outcome.error)
+                        continue
+                    data, notes, frames = outcome.value
+                    for note in notes:
+                        warn(f"note: {job.source}: {note}")
+                    if job.video:
+                        os.replace(temps[job.target], job.target)
+                    else:
+                        write_bytes_atomic(job.target, data)
+                    for _ in range(frames):
+                        tick()
+                    done(job, frames)
         return execution
     finally:
         for temp in temps.values():

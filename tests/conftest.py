@@ -4,6 +4,7 @@ DIPNET_REQUIRE_SHARED=1 (what CI sets in .ci/run), so a missing data folder neve
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,14 @@ def need(path: Path) -> Path:
             pytest.fail(f"DIPNET_REQUIRE_SHARED=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+def image_folder(tmp_path_factory, name: str, paths: list[Path]) -> Path:
+    """A fresh folder ``name`` holding copies of ``paths`` (a module's calibration or training subset)."""
+    directory = tmp_path_factory.mktemp(name)
+    for path in paths:
+        shutil.copy(path, directory / path.name)
+    return directory
 
 
 def reference_score(sr: np.ndarray, hr: np.ndarray, crop: int) -> dict[str, float]:

@@ -71,14 +71,14 @@ def test_equalized_model_computes_the_same_function(x2_trained):
     model = onnx.load(str(x2_trained))
     spaces = channel_spaces(model)
     rng = np.random.default_rng(0)
-    factors = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32)
+    scales = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32)
                for space in spaces}
-    equalized = apply_equalization(model, spaces, factors)
+    equalized = apply_equalization(model, spaces, scales)
     x = vendor_preprocess(read_rgb8(calibration_files()[0])[0], HEIGHT, WIDTH)
     trunk = spaces[0].tensors[0]
     (original_trunk, original_out), (scaled_trunk, scaled_out) = (
         run(m, x, [trunk, m.graph.output[0].name]) for m in (model, equalized))
-    np.testing.assert_allclose(scaled_trunk, original_trunk * factors[spaces[0].key].reshape(1, -1, 1, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scaled_trunk, original_trunk * scales[spaces[0].key].reshape(1, -1, 1, 1), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scaled_out, original_out, rtol=0, atol=1e-5)  # measured 9.5e-7
 
 
@@ -87,16 +87,16 @@ def test_equalized_official_x4_computes_the_same_function(official_x4, tmp_path)
     model = onnx.load(str(export(load_checkpoint(official_x4), tmp_path / "x4.onnx", ExportOptions(48, 64)).onnx_path))
     spaces = channel_spaces(model)
     rng = np.random.default_rng(1)
-    factors = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32) for space in spaces}
-    equalized = apply_equalization(model, spaces, factors)
+    scales = {space.key: (2.0 ** rng.uniform(-3, 3, space.channels)).astype(np.float32) for space in spaces}
+    equalized = apply_equalization(model, spaces, scales)
     x = vendor_preprocess(read_rgb8(calibration_files()[1])[0], 48, 64)
     names = [name for space in spaces for name in space.tensors] + [model.graph.output[0].name]
     original, scaled = (dict(zip(names, run(m, x, names))) for m in (model, equalized))
     worst = 0.0
     for space in spaces:
-        factor = factors[space.key].reshape(1, -1, 1, 1)
+        scale = scales[space.key].reshape(1, -1, 1, 1)
         for name in space.tensors:
-            error = np.abs(scaled[name] - original[name] * factor).max() / (np.abs(original[name] * factor).max() + 1e-12)
+            error = np.abs(scaled[name] - original[name] * scale).max() / (np.abs(original[name] * scale).max() + 1e-12)
             worst = max(worst, error)
     output = model.graph.output[0].name
     assert worst <= 5e-5, worst  # measured 5.2e-6 of each tensor's largest value
@@ -109,8 +109,8 @@ def test_scales_grow_no_range_and_ranges_follow_exactly(x2_trained, tmp_path):
     low, high = channel_ranges(model, VendorInputs(files, HEIGHT, WIDTH))
     spaces = channel_spaces(model)
     scales = equalization_scales(model, spaces, low, high)
-    factors = np.concatenate(list(scales.values()))
-    assert factors.min() >= 1.0 and np.median(factors) > 1.3  # measured 1.50: most channels use 2/3 of the range
+    every = np.concatenate(list(scales.values()))
+    assert every.min() >= 1.0 and np.median(every) > 1.3  # measured 1.50: most channels use 2/3 of the range
     derived_low, derived_high = equalized_channel_ranges(spaces, scales, low, high)
     path = tmp_path / "equalized.onnx"
     onnx.save(apply_equalization(model, spaces, scales), str(path))
@@ -128,7 +128,7 @@ def test_per_tensor_weights_keep_their_range(x2_trained):
     low, high = channel_ranges(model, VendorInputs(calibration_files(), HEIGHT, WIDTH))
     spaces = channel_spaces(model)
     scales = equalization_scales(model, spaces, low, high, per_channel_weights=False)
-    assert any((factors > 1).any() for factors in scales.values())
+    assert any((space_scales > 1).any() for space_scales in scales.values())
     before = {i.name: np.abs(numpy_helper.to_array(i)).max() for i in model.graph.initializer}
     after = {i.name: np.abs(numpy_helper.to_array(i)).max() for i in apply_equalization(model, spaces, scales).graph.initializer}
     assert all(after[name] <= before[name] * (1 + 1e-6) for name in before)

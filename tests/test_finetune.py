@@ -1,7 +1,6 @@
 """Quantization-aware fine-tuning: the simulation against onnxruntime, the learned-ranges chain, bad input."""
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -27,7 +26,7 @@ from dipnet_deploy.qat import (
 )
 from dipnet_deploy.quantize import QuantizeOptions, quantize
 
-from .conftest import CALIBRATION, random_train_model
+from .conftest import CALIBRATION, image_folder, random_train_model
 
 
 def quant_params(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
@@ -39,10 +38,7 @@ def quant_params(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
 
 @pytest.fixture(scope="module")
 def calib_images(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("calib")
-    for path in list_images(CALIBRATION)[:3]:
-        shutil.copy(path, directory / path.name)
-    return directory
+    return image_folder(tmp_path_factory, "calib", list_images(CALIBRATION)[:3])
 
 
 def max_quantized(checkpoint, work, height, width, calib_images):
@@ -217,9 +213,11 @@ def test_finetune_resume_continues_exactly(finetuned, calib_images, tmp_path):
 
     _, result = finetuned
 
-    def interrupt(iteration, _loss, _entry):
-        if iteration == 2:
-            raise KeyboardInterrupt
+    def interrupt(iterations, _description, _total):
+        for iteration in iterations:
+            if iteration == 3:
+                raise KeyboardInterrupt  # right after iteration 2 and its checkpoint
+            yield iteration
 
     options = FinetuneOptions(iters=4, batch=4, patch=32, save_every=2, threads=2)
     with pytest.raises(KeyboardInterrupt):

@@ -18,7 +18,7 @@ from dipnet_deploy.observers import EntropyObserver, MaxObserver, MseObserver, P
 from dipnet_deploy.quantize import QuantizeOptions, VendorInputs, quantize
 from dipnet_deploy.range_graphs import derived_ranges, float_tensors, values_model
 
-from .conftest import CALIBRATION, EVAL, TRAIN, int8_fidelity, need, random_train_model, whole_image_ranges
+from .conftest import CALIBRATION, EVAL, TRAIN, image_folder, int8_fidelity, need, random_train_model, whole_image_ranges
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +37,13 @@ def x2_small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calib_dir(tmp_path_factory):
     """Four of the shipped calibration photos (in the project: these tests never skip)."""
-    directory = tmp_path_factory.mktemp("calib")
-    for path in list_images(CALIBRATION)[:4]:
-        shutil.copy(path, directory / path.name)
-    return directory
+    return image_folder(tmp_path_factory, "calib", list_images(CALIBRATION)[:4])
 
 
 @pytest.fixture(scope="module")
 def train_calib_dir(tmp_path_factory):
     """Four photos of ../shared's training set: the stock-parity thresholds below were measured on them."""
-    directory = tmp_path_factory.mktemp("train_calib")
-    for path in list_images(need(TRAIN))[::40][:4]:
-        shutil.copy(path, directory / path.name)
-    return directory
+    return image_folder(tmp_path_factory, "train_calib", list_images(need(TRAIN))[::40][:4])
 
 
 def stock_reader(files, height, width):
@@ -306,7 +300,7 @@ def _other_ranges(tmp_path, x2_small, calib_dir):
 
 
 def _tampered_ranges(tmp_path, x2_small, calib_dir):
-    """A ranges file of this model whose equalization factors lost a channel."""
+    """A ranges file of this model whose equalization scales lost a channel."""
     path = quantize(x2_small, tmp_path / "t.int8.onnx", calib_dir).ranges_path
     document = json.loads(path.read_text())
     key = next(iter(document["equalization"]["scales"]))
@@ -326,7 +320,7 @@ BAD_RUNS = {
                    "not an ONNX model"),
     "not dipnet": (lambda t, m, c: ["--calib", c, "--model", _not_dipnet(t)], "no Conv nodes"),
     "foreign ranges": (lambda t, m, c: ["--ranges", _other_ranges(t, m, c)], "another model"),
-    "tampered ranges": (lambda t, m, c: ["--ranges", _tampered_ranges(t, m, c)], "equalization factors do not fit"),
+    "tampered ranges": (lambda t, m, c: ["--ranges", _tampered_ranges(t, m, c)], "equalization scales do not fit"),
     "unwritable output": (lambda t, m, c: ["--calib", c, "-o", (t / "f").write_text("x") and t / "f" / "m.onnx"],
                           "cannot create"),
 }

@@ -55,9 +55,11 @@ def test_smoke_train_checkpoint_exports(photos, tmp_path, invoke):
 def test_resume_continues_exactly(photos, tmp_path):
     straight = train(photos, tmp_path / "a.pth", small(photos), warn=lambda m: None)
 
-    def stop_after_two(iteration, _loss, _entry):
-        if iteration == 2:
-            raise KeyboardInterrupt  # the run is killed right after its checkpoint at 2
+    def stop_after_two(iterations, _description, _total):  # the progress contract: it wraps the loop
+        for iteration in iterations:
+            if iteration == 3:
+                raise KeyboardInterrupt  # the run is killed right after its checkpoint at 2
+            yield iteration
 
     with pytest.raises(KeyboardInterrupt):
         train(photos, tmp_path / "b.pth", small(photos), progress=stop_after_two, warn=lambda m: None)
