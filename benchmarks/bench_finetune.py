@@ -8,7 +8,8 @@ fp32 ONNX:
   - NNCF `nncf.quantize` (ONNX backend, MIXED preset, fast bias correction), when installed
     (`pip install -e '.[bench]'`)
   - ours `--method max` (the default: max ranges + activation equalization)
-  - ours `--method auto` (post-training: max + equalization refined for the output; its time printed)
+  - ours `--method auto` (post-training: max + equalization, ranges and int8 weights refined for the output;
+    its time printed)
   - ours fine-tuned: `finetune` checkpoint -> export -> `quantize --method learned`
 The fine-tune itself runs separately (its wall time and it/s are printed by `finetune --json`):
     dipnet-deploy finetune --data ../shared/data/train --out runs/ft_x2.pth --json
@@ -102,7 +103,8 @@ def main() -> None:
             "NNCF 3.4 (MIXED, fast bias correction)": nncf_int8(original, calib, work / "nncf.onnx", height, width),
             "ours --method max (default, equalized)": quantize(original, work / "max.onnx", calib, None,
                                                                QuantizeOptions(), warn=quiet).int8_path,
-            "ours --method auto (post-training, output-aware ranges)": auto_int8(original, calib, work / "auto.onnx"),
+            "ours --method auto (post-training: output-aware ranges and int8 weights)":
+                auto_int8(original, calib, work / "auto.onnx"),
             "ours finetune + --method learned": quantize(tuned, work / "learned.onnx", None, None,
                                                          QuantizeOptions(method="learned", equalize=False),
                                                          warn=quiet).int8_path,

@@ -345,8 +345,9 @@ def progress_bar(iterable, description: str, total: int | None = None):
               show_default=True,
               help="max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
                    "(TensorRT-style); mse: range minimizing uint8 quantization MSE; auto: max + equalization, "
-                   "the output conv on the exact 1/255 grid, every other range refined for the model's output "
-                   "through a fake-quantized twin (minutes; DIPNet ONNX from `export`); learned: the ranges "
+                   "the output conv on the exact 1/255 grid, every other range and the int8 weights refined for "
+                   "the model's output through a fake-quantized twin (minutes; DIPNet ONNX from `export`; the "
+                   "weights are pinned in the ranges file); learned: the ranges "
                    "`finetune` learned, carried by the exported ONNX (no calibration, no equalization).")
 @click.option("--percentile", type=click.FloatRange(50, 100, min_open=True), default=99.999, show_default=True,
               help="Kept percentile for --method percentile.")

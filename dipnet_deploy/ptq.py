@@ -1,23 +1,29 @@
-"""``quantize --method auto``: post-training ranges chosen for the model's output, not each tensor's.
+"""``quantize --method auto``: post-training quantization chosen for the model's output, not each tensor's.
 
 From the fp32 ONNX and the calibration images alone (no checkpoint, no training data):
 
 1. max calibration with activation equalization (what the default method writes);
 2. the last conv's output, the image before DepthToSpace, on the exact uint8 grid [0, 1] (scale
    1/255, zero point 0): its int8 step is then the final rounding to 8 bits and costs nothing;
-3. every other activation range refined to minimise the error of the model's output: the ranges
-   are the parameters of ``qat.QuantSimDIPNet`` (the fake-quantized twin of the int8 graph, weights
-   int8 as onnxruntime writes them and kept fixed), learned by Adam with LSQ gradients on random
-   crops of the calibration inputs, against the fp32 model's output (mean squared error).
+3. every other activation range, and the int8 weights, refined together to minimise the error of
+   the model's output: the ranges and weights are the parameters of ``qat.QuantSimDIPNet`` (the
+   fake-quantized twin of the int8 graph: per-channel int8 weights with straight-through rounding,
+   LSQ range gradients), learned by Adam on random crops of the calibration inputs against the fp32
+   model's output (mean squared error). The weights are then pinned: each conv is written with the
+   int8 values it was refined to (``weight_lr`` 0 keeps the plainly rounded weights: ranges only).
+   This is end-to-end AdaQuant/QAT on the calibration images, with the fp32 model as the only
+   teacher.
 
-Everything is recorded in the ranges document (``parameters``), so ``--ranges`` reuses it as is.
-The model must be a DIPNet exported by ``export`` (its initializers keep the module names).
+Everything is recorded in the ranges document (``parameters`` and ``adapted_weights``), so
+``--ranges`` reuses it as is. The model must be a DIPNet exported by ``export`` (its
+initializers keep the module names).
 """
 
 from __future__ import annotations
 
+import base64
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -25,19 +31,40 @@ import torch
 import torch.nn.functional as F
 
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.qat import FIXED_POINTS, QuantSimDIPNet, model_from_onnx, onnx_point_names, range_owner, tensor_ranges
+from dipnet_deploy.qat import (
+    FIXED_POINTS,
+    WEIGHT_QMAX,
+    QuantSimDIPNet,
+    fake_quant_weight,
+    model_from_onnx,
+    onnx_point_names,
+    range_owner,
+    tensor_ranges,
+)
 
 
 @dataclass(frozen=True)
 class AutoOptions:
     """iters: Adam steps; batch crops of crop x crop input pixels each; lr: peak learning rate of the
-    range bounds (cosine decay to 1%); seed: the crops drawn."""
+    range bounds; weight_lr: of the weights (0: weights rounded to nearest, not refined); both decay
+    by cosine to 1%; seed: the crops drawn."""
 
     iters: int = 1000
     batch: int = 8
     crop: int = 64
     lr: float = 1e-3
+    weight_lr: float = 1e-4
     seed: int = 0
+
+
+@dataclass
+class Refinement:
+    """What ``refine`` chose: the range of every quantized tensor, and the weights to write the int8
+    model from (initializer name -> float32 array; conv weights on their int8 grid, level x scale;
+    empty when the weights were not refined)."""
+
+    ranges: dict[str, tuple[float, float]]
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def point_ranges(graph: onnx.GraphProto, tensors: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
@@ -46,38 +73,93 @@ def point_ranges(graph: onnx.GraphProto, tensors: dict[str, tuple[float, float]]
             if range_owner(point) == point and point not in FIXED_POINTS}
 
 
-def refine_ranges(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], inputs: np.ndarray,
-                  options: AutoOptions = AutoOptions(),
-                  progress: Progress = no_progress) -> dict[str, tuple[float, float]]:
-    """Output-aware ranges for every quantized tensor of ``fp32`` (the model the int8 graph is made from).
+def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], inputs: np.ndarray,
+           options: AutoOptions = AutoOptions(), progress: Progress = no_progress) -> Refinement:
+    """Output-aware ranges (and, with ``options.weight_lr``, int8 weights) for ``fp32``, the model the
+    int8 graph is made from.
 
     ``tensors``: the starting range of each tensor (max calibration); ``inputs``: [N, 3, H, W]
-    float32 model inputs the crops are drawn from. Returns the range of every tensor the QDQ
-    quantizer quantizes (``qat.tensor_ranges``), the fixed input and output grids included.
+    float32 model inputs the crops are drawn from. The target is ``fp32``'s own output.
     """
-    model = model_from_onnx(fp32)
-    for parameter in model.parameters():
+    teacher = model_from_onnx(fp32)
+    student = model_from_onnx(fp32)
+    for parameter in teacher.parameters():
         parameter.requires_grad_(False)
-    sim = QuantSimDIPNet(model, point_ranges(fp32.graph, tensors))
-    optimizer = torch.optim.Adam([sim.low, sim.high], lr=options.lr, betas=(0.9, 0.99))
+    for parameter in student.parameters():
+        parameter.requires_grad_(options.weight_lr > 0)
+    sim = QuantSimDIPNet(student, point_ranges(fp32.graph, tensors))
+    groups = [{"params": [sim.low, sim.high], "peak": options.lr}]
+    if options.weight_lr > 0:
+        groups.append({"params": list(student.parameters()), "peak": options.weight_lr})
+    optimizer = torch.optim.Adam([group | {"lr": group["peak"]} for group in groups], betas=(0.9, 0.99))
     rng = np.random.default_rng(options.seed)
     _, _, height, width = inputs.shape
     crop = min(options.crop, height, width)
-    for step in progress(range(options.iters), "auto (output-aware ranges)", options.iters):
+    for step in progress(range(options.iters), "auto (output-aware ranges and weights)", options.iters):
         picks = rng.integers(0, len(inputs), options.batch)
         tops, lefts = rng.integers(0, height - crop + 1, options.batch), rng.integers(0, width - crop + 1, options.batch)
         batch = torch.from_numpy(np.stack([inputs[i, :, t:t + crop, s:s + crop] for i, t, s in zip(picks, tops, lefts)]))
         with torch.no_grad():
-            target = model(batch)
+            target = teacher(batch)
         for group in optimizer.param_groups:
-            group["lr"] = options.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / options.iters)))
+            group["lr"] = group["peak"] * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * step / options.iters)))
         loss = F.mse_loss(sim(batch), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return tensor_ranges(fp32.graph, sim.ranges())
+    weights = {}
+    if options.weight_lr > 0:
+        with torch.no_grad():
+            for name, module in student.named_modules():
+                if isinstance(module, torch.nn.Conv2d):
+                    weights[f"{name}.weight"] = fake_quant_weight(module.weight).numpy().astype(np.float32)
+                    if module.bias is not None:
+                        weights[f"{name}.bias"] = module.bias.numpy().astype(np.float32)
+    return Refinement(tensor_ranges(fp32.graph, sim.ranges()), weights)
 
 
 def auto_parameters(options: AutoOptions) -> dict:
     return {"start": "max with activation equalization", "output_grid": "last conv output on [0, 1] in 1/255 steps",
-            "refinement": "output MSE through the fake-quantized twin (qat), weights fixed", **asdict(options)}
+            "refinement": "output MSE through the fake-quantized twin (qat): ranges" +
+                          (" and int8 weights (pinned)" if options.weight_lr > 0 else ", weights rounded to nearest"),
+            **asdict(options)}
+
+
+def weights_entry(weights: dict[str, np.ndarray]) -> dict | None:
+    """The ranges document's ``adapted_weights``: each conv weight as its int8 levels (base64 of int8
+    bytes, C order) and per-output-channel scales, each bias as its float values; None when empty."""
+    if not weights:
+        return None
+    entry = {}
+    for name, array in sorted(weights.items()):
+        if array.ndim == 4:
+            scales = np.abs(array).reshape(len(array), -1).max(axis=1) / WEIGHT_QMAX
+            safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+            levels = np.rint(array / safe.reshape(-1, 1, 1, 1)).astype(np.int8)
+            entry[name] = {"shape": list(array.shape), "scales": safe.tolist(),
+                           "levels_int8_base64": base64.b64encode(levels.tobytes()).decode("ascii")}
+        else:
+            entry[name] = {"shape": list(array.shape), "values": array.astype(np.float32).tolist()}
+    return entry
+
+
+def weights_from_entry(entry: dict) -> dict[str, np.ndarray]:
+    """The arrays ``weights_entry`` wrote (conv weights as level x scale, float32). Raises ValueError
+    on anything malformed: shapes, sizes, levels outside [-127, 127], non-finite or non-positive scales."""
+    weights = {}
+    for name, item in entry.items():
+        shape = tuple(int(n) for n in item["shape"])
+        if "levels_int8_base64" in item:
+            levels = np.frombuffer(base64.b64decode(item["levels_int8_base64"], validate=True), np.int8)
+            scales = np.asarray(item["scales"], np.float32)
+            if len(shape) != 4 or levels.size != math.prod(shape) or scales.shape != (shape[0],):
+                raise ValueError(f"{name}: sizes do not fit the shape {list(shape)}")
+            if np.abs(levels.astype(np.int16)).max() > WEIGHT_QMAX or not np.all(np.isfinite(scales) & (scales > 0)):
+                raise ValueError(f"{name}: levels beyond +-{WEIGHT_QMAX} or scales not positive")
+            weights[name] = (levels.reshape(shape).astype(np.float32) * scales.reshape(-1, 1, 1, 1)).astype(np.float32)
+        else:
+            values = np.asarray(item["values"], np.float32)
+            if values.shape != shape or not np.all(np.isfinite(values)):
+                raise ValueError(f"{name}: values do not fit the shape {list(shape)} or are not finite")
+            weights[name] = values
+    return weights

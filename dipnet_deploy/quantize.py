@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from dipnet_deploy import __version__
 from dipnet_deploy.artifacts import TOOL, card_header, card_path_for, default_int8_path, default_ranges_path
@@ -30,7 +31,7 @@ from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import OBSERVERS, make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine_ranges
+from dipnet_deploy.ptq import AutoOptions, Refinement, auto_parameters, refine, weights_entry, weights_from_entry
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
 from dipnet_deploy.range_graphs import float_tensors
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
@@ -154,10 +155,10 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     calibration = calibrate(model, inputs, observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
-    parameters = observer.parameters()
+    parameters, refinement = observer.parameters(), Refinement({})
     if auto:
-        calibration.ranges |= refine_ranges(calibration.model, calibration.ranges, np.concatenate(list(inputs)),
-                                            options.auto, progress)
+        refinement = refine(calibration.model, calibration.ranges, np.concatenate(list(inputs)), options.auto, progress)
+        calibration.ranges |= refinement.ranges
         parameters = auto_parameters(options.auto)
     document = ranges_header(model_path, shape, options.method, parameters) | {
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
@@ -170,7 +171,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
         } if options.equalize else None,
         "tensors_of": "the model with `equalization` applied" if options.equalize else "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
-    }
+    } | ({"adapted_weights": weights_entry(refinement.weights)} if refinement.weights else {})
     check_ranges_document(document, calib_dir, float_tensors(model))
     return document
 
@@ -260,12 +261,19 @@ def check_ranges_document(document: dict, path: Path, needed: list[str]) -> None
         raise InputError(path, f"the input range is [{low}, {high}]: calibrated on flat images only")
 
 
-def equalized_model(model_path: Path, document: dict, document_path: Path) -> onnx.ModelProto:
-    """The fp32 model the ranges describe: ``model_path`` with the document's equalization applied."""
+def model_to_quantize(model_path: Path, document: dict, document_path: Path) -> onnx.ModelProto:
+    """The fp32 model the ranges describe: ``model_path`` with the document's equalization applied, then
+    the weights ``--method auto`` adapted (``adapted_weights``), the values the int8 model is written from."""
     model = onnx.load(str(model_path))
     equalization = document.get("equalization")
-    if not equalization:
-        return model
+    if equalization:
+        model = _equalized(model, equalization, document_path)
+    if document.get("adapted_weights") is not None:
+        model = _with_adapted_weights(model, document["adapted_weights"], document_path)
+    return model
+
+
+def _equalized(model: onnx.ModelProto, equalization, document_path: Path) -> onnx.ModelProto:
     spaces = channel_spaces(model)
     saved = equalization.get("scales") if isinstance(equalization, dict) else None
     saved = saved if isinstance(saved, dict) else {}
@@ -281,6 +289,20 @@ def equalized_model(model_path: Path, document: dict, document_path: Path) -> on
     return equalize_with(model, scales)
 
 
+def _with_adapted_weights(model: onnx.ModelProto, entry, document_path: Path) -> onnx.ModelProto:
+    initializers = {init.name: init for init in model.graph.initializer}
+    try:
+        weights = weights_from_entry(entry)
+        for name, array in weights.items():
+            if name not in initializers or tuple(initializers[name].dims) != array.shape:
+                raise ValueError(f"{name}: not a tensor of this model with shape {list(array.shape)}")
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # a hand-edited or foreign document
+        raise InputError(document_path, f"its adapted weights do not fit this model ({error})") from None
+    for name, array in weights.items():
+        initializers[name].CopyFrom(numpy_helper.from_array(array, name))
+    return model
+
+
 def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path, options: QuantizeOptions) -> None:
     """Quantize with onnxruntime's QDQ quantizer from the given ranges into ``output`` (a temporary name)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -291,7 +313,7 @@ def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path
     with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch:
         cache, fp32 = Path(scratch) / "ranges.json", Path(scratch) / "fp32.onnx"
         save_tensors_data(ranges, cache)
-        onnx.save(equalized_model(model_path, document, ranges_path), str(fp32))
+        onnx.save(model_to_quantize(model_path, document, ranges_path), str(fp32))
         logging.getLogger().setLevel(logging.ERROR)  # silence the "consider pre-processing" advice
         quantize_static(
             str(fp32), str(output), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
@@ -401,7 +423,9 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
             "method": document["method"],
             "parameters": document["parameters"],
             "calibration_images": len(document["calibration_files"]),
-            "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor"),
+            "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor") + (
+                ", refined on the calibration images and pinned (adapted_weights in the ranges file)"
+                if document.get("adapted_weights") else ", rounded to nearest"),
             "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
             "equalization": equalization_summary(document),
             "format": "QDQ (onnxruntime quantize_static)",

@@ -1,5 +1,7 @@
-"""quantize --method auto: beats max on held-out images through onnxruntime, exact output grid, reuse, refusals."""
+"""quantize --method auto: beats max on held-out images through onnxruntime, exact output grid, pinned
+int8 weights, reuse, refusals."""
 
+import base64
 import json
 
 import numpy as np
@@ -75,6 +77,39 @@ def test_auto_ranges_reuse_is_byte_identical(routes, invoke):
     code, _, err = invoke("quantize", "--model", fp32, "--ranges", auto_int8.ranges_path, "-o", work / "again.onnx")
     assert code == 0, err
     assert (work / "again.onnx").read_bytes() == auto_int8.int8_path.read_bytes()
+
+
+def int8_weight_levels(path) -> dict[str, np.ndarray]:
+    """The int8 weights a QDQ model holds, by the float weight's name (onnxruntime's ``<name>_quantized``)."""
+    model = onnx.load(str(path))
+    return {init.name[: -len("_quantized")]: numpy_helper.to_array(init) for init in model.graph.initializer
+            if init.name.endswith(".weight_quantized")}
+
+
+def test_auto_writes_exactly_the_int8_weights_it_refined(routes):
+    _, _, max_int8, auto_int8, _ = routes
+    document = json.loads(auto_int8.ranges_path.read_text())
+    pinned = document["adapted_weights"]
+    written, rounded = int8_weight_levels(auto_int8.int8_path), int8_weight_levels(max_int8.int8_path)
+    assert sorted(pinned) == sorted(written) and len(written) == 19  # every conv of the x2
+    moved = 0
+    for name, entry in pinned.items():
+        levels = np.frombuffer(base64.b64decode(entry["levels_int8_base64"]), np.int8).reshape(entry["shape"])
+        assert np.array_equal(written[name], levels), name  # onnxruntime's quantizer kept them as refined
+        moved += int(np.sum(written[name] != rounded[name]))  # max: the same equalized weights, rounded to nearest
+    assert moved > 0, "the refinement moved no weight off its nearest level"
+
+
+def test_auto_refuses_ranges_whose_adapted_weights_do_not_fit(routes, tmp_path, invoke):
+    _, fp32, _, auto_int8, _ = routes
+    document = json.loads(auto_int8.ranges_path.read_text())
+    entry = document["adapted_weights"]["conv_1.weight"]
+    entry["levels_int8_base64"] = base64.b64encode(b"\x01" * 5).decode()  # 5 levels for a 32x3x3x3 weight
+    tampered = tmp_path / "tampered.ranges.json"
+    tampered.write_text(json.dumps(document))
+    code, _, err = invoke("quantize", "--model", fp32, "--ranges", tampered, "-o", tmp_path / "t.int8.onnx")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "adapted weights do not fit" in err, err
+    assert not list(tmp_path.glob("t.int8*"))
 
 
 def not_dipnet(path):
