@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,13 @@ def need(path: Path) -> Path:
             pytest.fail(f"DIPNET_REQUIRE_SHARED=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     return path
+
+
+def sigint_default() -> None:
+    """``preexec_fn`` for a command a test interrupts: SIGINT back to its default. A test run started in the
+    background (``cmd &``) ignores SIGINT, and Python only turns SIGINT into KeyboardInterrupt when it was
+    not ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def image_folder(tmp_path_factory, name: str, paths: list[Path]) -> Path:

@@ -18,6 +18,7 @@ import pytest
 from dipnet_deploy.cluster import RayOptions, ray_map, refuse_unreachable
 from dipnet_deploy.errors import InputError
 
+from .conftest import sigint_default
 from .test_safety import models, snapshot, work, write_images  # noqa: F401 (fixtures)
 from .test_upscale import make_video
 
@@ -147,7 +148,8 @@ def test_ctrl_c_stops_the_cluster_work(work):
     command = [sys.executable, "-m", "dipnet_deploy", "compare", str(work / "report"), "--fp32", str(work / "m.onnx"),
                "--int8", str(work / "m.int8.onnx"), "--data", str(work / "many"), "--repeats", "1", "--ray"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                               env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                               env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                               preexec_fn=sigint_default)
     seen = b""
     deadline = time.perf_counter() + 90
     while b"compare:" not in seen and time.perf_counter() < deadline:  # the bar appears once Ray is up

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.imageio import read_rgb8
 
+from .conftest import sigint_default
 from .test_safety import SIDE, models, refused, snapshot, work, write_images  # noqa: F401 (fixtures)
 
 # --------------------------------------------------------------------------- bad images among good ones
@@ -378,7 +379,8 @@ def test_ctrl_c_during_parallel_compare(work):
     command = [sys.executable, "-m", "dipnet_deploy", "compare", str(work / "report"), "--fp32", str(work / "m.onnx"),
                "--int8", str(work / "m.int8.onnx"), "--data", str(work / "many"), "--workers", "2", "--repeats", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                               env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                               env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                               preexec_fn=sigint_default)
     time.sleep(8)
     os.killpg(process.pid, signal.SIGINT)
     began = time.perf_counter()
