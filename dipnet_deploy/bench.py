@@ -57,9 +57,10 @@ def bench(fp32_path: Path, int8_path: Path, options: BenchOptions = BenchOptions
           progress: Progress = no_progress) -> dict:
     """Latency, int8 speed-up and throughput of the pair for each runtime; the summary dict.
 
-    ``progress`` wraps each loop: loading the sessions, the latency rounds, the throughput runs. Keys: ``runtime`` (the first),
-    ``fp32_s``, ``int8_s``, ``speedup`` of the first runtime, and ``runtimes.NAME`` with the same
-    keys plus ``int8_vs_reference_fp32`` and, unless ``streams`` is 0, ``fp32_fps`` / ``int8_fps``.
+    ``progress`` wraps each loop: loading the sessions, the latency rounds, the throughput runs.
+    Keys: ``runtime`` (the first), ``fp32_s``, ``int8_s``, ``speedup`` of the first runtime, and
+    ``runtimes.NAME`` with the same keys plus ``int8_vs_reference_fp32`` and, unless ``streams`` is
+    0, ``fp32_fps`` / ``int8_fps``.
     """
     if not options.runtimes:
         raise InputError("--runtime", "no runtime given")

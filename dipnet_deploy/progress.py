@@ -37,10 +37,11 @@ def ticks(progress: Progress, description: str, total: int | None) -> Iterator[C
     """A function to call once per unit of work done, counted through ``progress`` over ``total`` units
     (None: unknown); calls beyond ``total`` are harmless. Leaving the block closes the loop (and its bar,
     before an error is printed)."""
-    loop = iter(progress(itertools.repeat(None, total) if total is not None else itertools.count(), description, total))
+    units = itertools.repeat(None, total) if total is not None else itertools.repeat(None)
+    loop = iter(progress(units, description, total))
     next(loop, None)  # a wrapped loop counts an item when the next one is asked for: ask for the first now
     try:
-        yield lambda: next(loop, None) and None
+        yield lambda: next(loop, None)
     finally:
         close = getattr(loop, "close", None)  # a generator's: runs the wrapper's own clean-up
         if close is not None:

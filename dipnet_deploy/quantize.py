@@ -31,7 +31,7 @@ from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import OBSERVERS, make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.ptq import AutoOptions, Refinement, auto_parameters, refine, weights_entry, weights_from_entry
+from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry, weights_from_entry
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
 from dipnet_deploy.range_graphs import float_tensors
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
@@ -155,11 +155,11 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     calibration = calibrate(model, inputs, observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
-    parameters, refinement = observer.parameters(), Refinement({})
+    parameters, adapted = observer.parameters(), None
     if auto:
         refinement = refine(calibration.model, calibration.ranges, np.concatenate(list(inputs)), options.auto, progress)
         calibration.ranges |= refinement.ranges
-        parameters = auto_parameters(options.auto)
+        parameters, adapted = auto_parameters(options.auto), weights_entry(refinement.weights)
     document = ranges_header(model_path, shape, options.method, parameters) | {
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
         "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
@@ -171,7 +171,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
         } if options.equalize else None,
         "tensors_of": "the model with `equalization` applied" if options.equalize else "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
-    } | ({"adapted_weights": weights_entry(refinement.weights)} if refinement.weights else {})
+    } | ({"adapted_weights": adapted} if adapted else {})
     check_ranges_document(document, calib_dir, float_tensors(model))
     return document
 

@@ -194,7 +194,7 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
             raise InputError("INPUT", "no images or videos found")
         return result
     declared = {job.source: count_frames(job.source) for job in todo if job.video}  # from the headers
-    total = sum(declared.get(job.source, 1) for job in todo)
+    total = sum(declared.get(job.source, 1) for job in todo) or None  # None: unknown
     made = {folder for job in todo for folder in (job.target.parent, *job.target.parent.parents) if not folder.exists()}
     began = time.perf_counter()
     failures = []
@@ -217,11 +217,11 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
 
     try:
         if options.ray is not None:
-            result.execution = _upscale_on_ray(todo, model_path, options, lambda: ticks(progress, "upscale", total or None),
+            result.execution = _upscale_on_ray(todo, model_path, options, lambda: ticks(progress, "upscale", total),
                                                warn, done, failed)
         else:
             runner = TiledRunner(str(model_path), options.threads, runtime=options.runtime)
-            with ticks(progress, "upscale", total or None) as tick:
+            with ticks(progress, "upscale", total) as tick:
                 for job in todo:
                     try:
                         done(job, upscale_job(runner, job, options, tick, warn))
