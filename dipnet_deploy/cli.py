@@ -366,10 +366,14 @@ def progress_bar(iterable, description: str, total: int | None = None):
                    "fills its tensor's observed range: less int8 rounding noise, no range grows. "
                    "--no-equalize quantizes the graph as exported (what stock quantize_static does). "
                    "Default: on, except with --method learned. With --ranges alone, the saved file decides.")
+@click.option("--auto-steps", type=click.IntRange(1),
+              help="Refinement steps of --method auto (8 crops each). Default: 1,000 per started 100,000 conv "
+                   "weights (1,000 for the x2 default, about 6 minutes at 540x960 on 2 cores; 3,000 for the "
+                   "official x4, about 35). Fewer steps lose more (BENCHMARKS.md).")
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
-             as_json):
+             auto_steps, as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
@@ -379,6 +383,7 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     quantizer writes the model from these ranges; the ranges JSON and a model card are
     written beside it.
     """
+    from dipnet_deploy.ptq import AutoOptions
     from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir
     from dipnet_deploy.quantize import quantize as run_quantize
 
@@ -388,7 +393,10 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         equalize = method != "learned"
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
-    options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize)
+    if auto_steps is not None and method != "auto":
+        raise InputError("--auto-steps", "applies to --method auto only")
+    options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
+                              AutoOptions(iters=auto_steps))
     result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "

@@ -33,7 +33,7 @@ from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.metrics import psnr, ssim
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, time_interleaved
+from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, reusing_output, time_interleaved
 from dipnet_deploy.sr_protocol import make_pair, score, to_input, unscorable
 from dipnet_deploy.tiling import TiledRunner
 
@@ -229,7 +229,7 @@ def measure_latency(runners: dict[str, TiledRunner], repeats: int) -> dict:
         return {}
     first = next(iter(runners.values()))
     x = np.random.default_rng(0).random((1, 3, first.tile_h, first.tile_w), dtype=np.float32)
-    times = time_interleaved({name: runner.forward for name, runner in runners.items()}, x, repeats)
+    times = time_interleaved({name: reusing_output(runner.session) for name, runner in runners.items()}, x, repeats)
     per_frame = FULL_HD_PIXELS / (first.tile_h * first.tile_w)
     latency: dict = {name: {"median_s": float(np.median(t)), "per_1080p_frame_s": float(np.median(t) * per_frame),
                             "repeats": repeats} for name, t in times.items()}

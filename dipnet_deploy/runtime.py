@@ -1,7 +1,10 @@
 """One forward of a fixed-shape ONNX model, through onnxruntime or OpenVINO.
 
 Conventions: a session takes the model's one input as a float32 [1, 3, H, W] array and returns
-its first output as a float32 array the caller owns. ``threads`` is the number of CPU threads
+its first output as a float32 array the caller owns, or, given ``out`` (a C-contiguous float32
+array of the output's shape), writes it there: the runtime then writes into memory that is
+already mapped, with no copy of the output (what a loop over frames wants: ``bench`` times both
+runtimes this way). ``threads`` is the number of CPU threads
 one forward may use (None: the runtime's default, all cores). OpenVINO is an optional extra
 (``pip install 'dipnet-deploy[openvino]'``); it reads the same ONNX file (QDQ int8 included)
 with its own API on the CPU, at fp32 inference precision (OpenVINO would otherwise run float
@@ -57,9 +60,18 @@ class OrtSession:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        self.output_shape = tuple(self.session.get_outputs()[0].shape)
+        self.binding = self.session.io_binding()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+    def run(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is None:
+            return self.session.run(None, {self.input_name: x})[0]
+        check_output_buffer(out, self.output_shape)
+        self.binding.bind_cpu_input(self.input_name, x)
+        self.binding.bind_output(self.output_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        self.session.run_with_iobinding(self.binding)
+        return out
 
 
 class OpenVinoSession:
@@ -72,10 +84,38 @@ class OpenVinoSession:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.request = core.compile_model(core.read_model(str(model)), "CPU", config).create_infer_request()
+        self.own_output = self.request.get_output_tensor(0)
+        self.output_shape = tuple(self.own_output.shape)
+        self.bound: np.ndarray | None = None  # the caller's ``out`` the request writes into
+        self.tensor_of = ov.Tensor
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        if out is not None:
+            check_output_buffer(out, self.output_shape)
+        self._bind(out)
         self.request.infer({0: x})
-        return self.request.get_output_tensor(0).data.copy()
+        return self.request.get_output_tensor(0).data.copy() if out is None else out
+
+    def _bind(self, out: np.ndarray | None) -> None:
+        """Point the request's output at ``out`` (shared memory) or back at its own buffer."""
+        if out is self.bound:
+            return
+        self.request.set_output_tensor(0, self.own_output if out is None else self.tensor_of(out, shared_memory=True))
+        self.bound = out
+
+
+def check_output_buffer(out: np.ndarray, shape: tuple[int, ...]) -> None:
+    """Refuse an ``out`` the runtime cannot write the output into as it is (it writes raw memory)."""
+    if out.dtype != np.float32 or out.shape != shape or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writeable C-contiguous float32 array of shape {shape}, "
+                         f"not {out.dtype} {out.shape}")
+
+
+def reusing_output(session) -> Callable[[np.ndarray], np.ndarray]:
+    """``session``'s forward writing every result into one buffer allocated here (each call overwrites
+    the last result): how a loop over frames runs, and how ``bench`` times every runtime alike."""
+    buffer = np.empty(session.output_shape, np.float32)
+    return lambda x: session.run(x, buffer)
 
 
 def import_openvino():

@@ -2,12 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.export import ExportOptions, export
+from dipnet_deploy.runtime import open_session, reusing_output
 
 from .test_compare import hr_dir, x2_pair  # noqa: F401 (fixtures shared with the compare tests)
 
@@ -61,3 +63,24 @@ def test_compare_through_openvino_agrees_with_onnxruntime(pair, hr_dir):  # noqa
     a, b = (means(results[runtime].rows)["psnr_y"] for runtime in ("onnxruntime", "openvino"))
     assert abs(a["fp32"] - b["fp32"]) < 0.01  # the same float function
     assert abs(a["int8"] - b["int8"]) < 0.2  # the same QDQ model; integer kernels round differently
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_output_buffer_holds_the_same_values_as_a_fresh_output(pair, runtime):
+    """``run(x, out)`` (what bench times) writes exactly ``run(x)``'s values; each call overwrites the
+    buffer, a plain call after it returns an array of its own, and a wrong buffer is refused."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    session = open_session(pair[1], runtime)
+    rng = np.random.default_rng(0)
+    first, second = (rng.random((1, 3, 64, 96), dtype=np.float32) for _ in range(2))
+    buffer = np.full(session.output_shape, np.nan, np.float32)
+    forward = reusing_output(session)
+    assert session.run(first, buffer) is buffer and np.array_equal(buffer, session.run(first))
+    fresh = session.run(second)
+    assert np.array_equal(buffer, session.run(first)) and not np.array_equal(fresh, buffer)
+    assert np.array_equal(forward(second), fresh) and np.array_equal(session.run(second, buffer), fresh)
+    with pytest.raises(ValueError, match="float32 array of shape"):
+        session.run(first, np.empty((1, 3, 128, 96), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        session.run(first, np.empty(session.output_shape[::-1], np.float32).T)

@@ -133,3 +133,32 @@ def test_auto_refusals_are_one_line(case, routes, tmp_path, invoke):
                           "-o", tmp_path / "x.int8.onnx", *extra)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "auto" in err, err
     assert not list(tmp_path.glob("x.int8*"))
+
+
+@pytest.mark.parametrize("checkpoint, steps", [(PACKAGED_WEIGHTS, 1000), ("official_x4", 3000)])
+def test_default_steps_are_1000_per_started_100k_conv_weights(checkpoint, steps, request):
+    """93,664 conv weights (x2 default) -> 1,000 refinement steps; 242,820 (official x4, ESA) -> 3,000."""
+    from dipnet_deploy.ptq import default_steps, resolved
+
+    path = request.getfixturevalue(checkpoint) if checkpoint == "official_x4" else checkpoint
+    model = load_checkpoint(path).model
+    graph = helper.make_graph([], "weights", [], [], [numpy_helper.from_array(value.numpy(), name)
+                                                       for name, value in model.state_dict().items()])
+    fp32 = helper.make_model(graph)
+    conv_weights = sum(value.numel() for value in model.state_dict().values() if value.dim() == 4)
+    assert conv_weights == {1000: 93_664, 3000: 242_820}[steps]
+    assert default_steps(fp32) == steps and resolved(AutoOptions(), fp32).iters == steps
+    assert resolved(AutoOptions(iters=7), fp32).iters == 7
+
+
+def test_cli_auto_steps_reach_the_refinement_and_are_recorded(routes, tmp_path, invoke):
+    work, fp32, *_ = routes
+    code, out, err = invoke("quantize", "--model", fp32, "--calib", work / "calib", "--method", "auto",
+                            "--auto-steps", "3", "-o", tmp_path / "a.int8.onnx", "--json")
+    assert code == 0, err
+    ranges = json.loads(out.strip().splitlines()[-1])["ranges"]
+    assert json.loads(open(ranges).read())["parameters"]["iters"] == 3
+    code, _, err = invoke("quantize", "--model", fp32, "--calib", work / "calib", "--auto-steps", "3",
+                          "-o", tmp_path / "b.int8.onnx")
+    assert code == 2 and err.count("\n") == 1 and "--auto-steps: applies to --method auto only" in err
+    assert not (tmp_path / "b.int8.onnx").exists()

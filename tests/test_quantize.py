@@ -160,6 +160,34 @@ def test_all_convs_int8_ranges_reuse_is_byte_identical(x2_small, calib_dir, tmp_
     assert (tmp_path / "c.int8.onnx").read_bytes() == first.read_bytes()
 
 
+def test_depth_to_space_moves_uint8_levels_and_the_output_is_bit_identical(x2_small, calib_dir, tmp_path):
+    """quantize writes DepthToSpace on the last conv's uint8 levels, the DequantizeLinear after it; the
+    reference is onnxruntime's own QDQ model from the same ranges (DequantizeLinear before it)."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+
+    result = quantize(x2_small, tmp_path / "ours.int8.onnx", calib_dir, options=QuantizeOptions(equalize=False))
+    ranges = json.loads(result.ranges_path.read_text())["tensors"]
+    cache, stock = tmp_path / "cache.json", tmp_path / "stock.onnx"
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, {name: (np.float32(r["min"]), np.float32(r["max"]))
+                                                             for name, r in ranges.items()}), cache)
+    quantize_static(str(x2_small), str(stock), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibration_cache_path=str(cache),
+                    extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+    def reads(path):  # op type of the node DepthToSpace reads, and of the node writing the output
+        graph = onnx.load(str(path)).graph
+        producers = {out: node.op_type for node in graph.node for out in node.output}
+        depth_to_space = next(node for node in graph.node if node.op_type == "DepthToSpace")
+        return producers[depth_to_space.input[0]], producers[graph.output[0].name]
+
+    assert reads(result.int8_path) == ("QuantizeLinear", "DequantizeLinear")
+    assert reads(stock) == ("DequantizeLinear", "DepthToSpace")
+    x = np.random.default_rng(3).random((1, 3, 40, 56), dtype=np.float32)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
+    assert np.array_equal(run(result.int8_path), run(stock))
+
+
 def _observe(observer, values):
     observer.update_range("t", float(values.min()), float(values.max()))
     observer.update_values("t", values)
