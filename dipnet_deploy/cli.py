@@ -369,7 +369,8 @@ def progress_bar(iterable, description: str, total: int | None = None):
 @click.option("--auto-steps", type=click.IntRange(1),
               help="Refinement steps of --method auto (8 crops each). Default: 1,000 per started 100,000 conv "
                    "weights (1,000 for the x2 default, about 6 minutes at 540x960 on 2 cores; 3,000 for the "
-                   "official x4, about 35). Fewer steps lose more (BENCHMARKS.md).")
+                   "official x4, about 43). Fewer steps lose more (BENCHMARKS.md). Needs --calib: reused "
+                   "--ranges keep the steps they were refined with.")
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
@@ -393,8 +394,9 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         equalize = method != "learned"
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
-    if auto_steps is not None and method != "auto":
-        raise InputError("--auto-steps", "applies to --method auto only")
+    if auto_steps is not None and (method != "auto" or calib is None):
+        raise InputError("--auto-steps", "applies to --method auto with --calib only (reused --ranges keep "
+                                         "the steps they were refined with)")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
                               AutoOptions(iters=auto_steps))
     result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)

@@ -99,6 +99,7 @@ def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], input
     ``tensors``: the starting range of each tensor (max calibration); ``inputs``: [N, 3, H, W]
     float32 model inputs the crops are drawn from. The target is ``fp32``'s own output.
     """
+    options = resolved(options, fp32)
     teacher = model_from_onnx(fp32)
     student = model_from_onnx(fp32)
     for parameter in teacher.parameters():

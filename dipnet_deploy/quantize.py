@@ -341,6 +341,7 @@ def _swap_with_reader(model: onnx.ModelProto, first_op: str, second_op: str) -> 
         for name in node.input:
             readers.setdefault(name, []).append(node)
     outputs = {out.name for out in graph.output}
+    names = {*producers, *(init.name for init in graph.initializer), *(vi.name for vi in graph.input), *outputs}
     sizes = {init.name: math.prod(init.dims) for init in graph.initializer}
     order = list(graph.node)
     for second in [node for node in graph.node if node.op_type == second_op]:
@@ -351,6 +352,9 @@ def _swap_with_reader(model: onnx.ModelProto, first_op: str, second_op: str) -> 
         if sizes.get(dequantize.input[1]) != 1:  # per-channel scales do not survive a move of the channels
             continue
         replaced, between = first.output[0], f"{first.input[0]}_{second_op}"
+        if between in names:  # never reuse a name the graph already has
+            continue
+        names.add(between)
         second.input[0], first.input[0], first.output[0], second.output[0] = (
             first.input[0], between, second.output[0], between)
         order.remove(first)

@@ -71,6 +71,7 @@ class OrtSession:
         self.binding.bind_cpu_input(self.input_name, x)
         self.binding.bind_output(self.output_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
         self.session.run_with_iobinding(self.binding)
+        self.binding.clear_binding_outputs()  # hold no pointer to the caller's buffer between calls
         return out
 
 

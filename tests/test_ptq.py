@@ -160,5 +160,27 @@ def test_cli_auto_steps_reach_the_refinement_and_are_recorded(routes, tmp_path, 
     assert json.loads(open(ranges).read())["parameters"]["iters"] == 3
     code, _, err = invoke("quantize", "--model", fp32, "--calib", work / "calib", "--auto-steps", "3",
                           "-o", tmp_path / "b.int8.onnx")
-    assert code == 2 and err.count("\n") == 1 and "--auto-steps: applies to --method auto only" in err
+    assert code == 2 and err.count("\n") == 1 and "--auto-steps: applies to --method auto with --calib only" in err
     assert not (tmp_path / "b.int8.onnx").exists()
+    code, _, err = invoke("quantize", "--model", fp32, "--ranges", ranges, "--method", "auto", "--auto-steps", "3",
+                          "-o", tmp_path / "c.int8.onnx")
+    assert code == 2 and "--auto-steps: applies to --method auto with --calib only" in err
+    assert not (tmp_path / "c.int8.onnx").exists()
+
+
+def test_refine_resolves_its_default_steps(routes, monkeypatch):
+    """``refine`` called with default options runs ``default_steps`` of the model it is given."""
+    from dipnet_deploy.ptq import default_steps, refine
+
+    work, fp32, max_int8, _, held_out = routes
+    assert default_steps(onnx.load(str(fp32))) == 1000  # the exported x2 counts as its checkpoint does
+    monkeypatch.setattr("dipnet_deploy.ptq.STEPS_PER_WEIGHTS", (2, 100_000))
+    tensors = {name: (r["min"], r["max"]) for name, r in json.loads(max_int8.ranges_path.read_text())["tensors"].items()}
+    totals = []
+
+    def progress(iterable, description, total):
+        totals.append(total)
+        return iterable
+
+    refinement = refine(onnx.load(str(fp32)), tensors, np.concatenate(held_out[:2]), progress=progress)
+    assert totals == [2] and len(refinement.weights) == 19  # the x2 convs: 19 weights, no biases
