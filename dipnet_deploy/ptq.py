@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import onnx
@@ -62,12 +62,13 @@ class AutoOptions:
 
 @dataclass
 class Refinement:
-    """What ``refine`` chose: the range of every quantized tensor, and the weights to write the int8
+    """What ``refine`` chose: the range of every quantized tensor, the weights to write the int8
     model from (initializer name -> float32 array; conv weights on their int8 grid, level x scale;
-    empty when the weights were not refined)."""
+    empty when the weights were not refined), and the options it ran with (steps resolved)."""
 
     ranges: dict[str, tuple[float, float]]
-    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    weights: dict[str, np.ndarray]
+    options: AutoOptions
 
 
 def default_steps(fp32: onnx.ModelProto) -> int:
@@ -134,7 +135,7 @@ def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], input
                     weights[f"{name}.weight"] = fake_quant_weight(module.weight).numpy().astype(np.float32)
                     if module.bias is not None:
                         weights[f"{name}.bias"] = module.bias.numpy().astype(np.float32)
-    return Refinement(tensor_ranges(fp32.graph, sim.ranges()), weights)
+    return Refinement(tensor_ranges(fp32.graph, sim.ranges()), weights, options)
 
 
 def auto_parameters(options: AutoOptions) -> dict:

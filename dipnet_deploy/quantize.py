@@ -31,7 +31,7 @@ from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import OBSERVERS, make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, resolved, weights_entry, weights_from_entry
+from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry, weights_from_entry
 from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
 from dipnet_deploy.range_graphs import float_tensors
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
@@ -157,10 +157,9 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
                             symmetric_activations=options.symmetric_activations)
     parameters, adapted = observer.parameters(), None
     if auto:
-        auto_options = resolved(options.auto, calibration.model)
-        refinement = refine(calibration.model, calibration.ranges, np.concatenate(list(inputs)), auto_options, progress)
+        refinement = refine(calibration.model, calibration.ranges, np.concatenate(list(inputs)), options.auto, progress)
         calibration.ranges |= refinement.ranges
-        parameters, adapted = auto_parameters(auto_options), weights_entry(refinement.weights)
+        parameters, adapted = auto_parameters(refinement.options), weights_entry(refinement.weights)
     document = ranges_header(model_path, shape, options.method, parameters) | {
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
         "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],

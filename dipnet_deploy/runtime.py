@@ -1,14 +1,14 @@
 """One forward of a fixed-shape ONNX model, through onnxruntime or OpenVINO.
 
-Conventions: a session takes the model's one input as a float32 [1, 3, H, W] array and returns
-its first output as a float32 array the caller owns, or, given ``out`` (a C-contiguous float32
-array of the output's shape), writes it there: the runtime then writes into memory that is
-already mapped, with no copy of the output (what a loop over frames wants: ``bench`` times both
-runtimes this way). ``threads`` is the number of CPU threads
-one forward may use (None: the runtime's default, all cores). OpenVINO is an optional extra
-(``pip install 'dipnet-deploy[openvino]'``); it reads the same ONNX file (QDQ int8 included)
-with its own API on the CPU, at fp32 inference precision (OpenVINO would otherwise run float
-parts in bf16 on CPUs that have it, which is not the model that was measured).
+Conventions: a session takes the model's one input as a float32 [1, 3, H, W] array and returns its
+first output as a float32 array the caller owns, or, given ``out`` (a C-contiguous float32 array of
+the output's shape), writes it there: the runtime then writes into memory that is already mapped,
+with no copy of the output (what a loop over frames wants: ``bench`` times both runtimes this way).
+``threads`` is the number of CPU threads one forward may use (None: the runtime's default, all
+cores). OpenVINO is an optional extra (``pip install 'dipnet-deploy[openvino]'``); it reads the same
+ONNX file (QDQ int8 included) with its own API on the CPU, at fp32 inference precision (OpenVINO
+would otherwise run float parts in bf16 on CPUs that have it, which is not the model that was
+measured).
 """
 
 from __future__ import annotations
@@ -88,7 +88,6 @@ class OpenVinoSession:
         self.own_output = self.request.get_output_tensor(0)
         self.output_shape = tuple(self.own_output.shape)
         self.bound: np.ndarray | None = None  # the caller's ``out`` the request writes into
-        self.tensor_of = ov.Tensor
 
     def run(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         if out is not None:
@@ -101,7 +100,8 @@ class OpenVinoSession:
         """Point the request's output at ``out`` (shared memory) or back at its own buffer."""
         if out is self.bound:
             return
-        self.request.set_output_tensor(0, self.own_output if out is None else self.tensor_of(out, shared_memory=True))
+        tensor = self.own_output if out is None else import_openvino().Tensor(out, shared_memory=True)
+        self.request.set_output_tensor(0, tensor)
         self.bound = out
 
 
