@@ -44,8 +44,9 @@ bench: install
 	$(PY) -m pip install --quiet -e ".[bench]"
 	test -f runs/ft_x2.pth || $(CLI) finetune --data $(SHARED)/data/train --out runs/ft_x2.pth --json
 	cd benchmarks && ../$(PY) bench_finetune.py --variant x2 --finetuned ../runs/ft_x2.pth
+	cd benchmarks && ../$(PY) bench_int8_floor.py --finetuned ../runs/ft_x2.pth
 	test -f runs/ft_x4.pth || $(CLI) finetune --checkpoint $(SHARED)/weights/dipnet_official_x4.pth \
-		--data $(SHARED)/data/train --iters 2000 --batch 16 --out runs/ft_x4.pth --json
+		--data $(SHARED)/data/train --iters 10000 --batch 16 --out runs/ft_x4.pth --json
 	cd benchmarks && ../$(PY) bench_finetune.py --variant x4 --finetuned ../runs/ft_x4.pth
 
 # Mutation testing of the numeric core ([tool.mutmut] in pyproject.toml), in a copy of the tree under

@@ -84,11 +84,16 @@ def score(original: Path, int8: Path) -> dict:
     return figures
 
 
+LEARNED = "ours finetune + --method learned"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="x2")
     parser.add_argument("--finetuned", type=Path, required=True, help="checkpoint written by `finetune`")
     parser.add_argument("--calibration-photos", type=int, default=16)
+    parser.add_argument("--learned-only", action="store_true",
+                        help="score only the fine-tuned route (the other routes do not depend on --finetuned)")
     args = parser.parse_args()
     checkpoint, height, width = VARIANTS[args.variant]
     with tempfile.TemporaryDirectory(prefix="bench-ft-") as scratch:
@@ -99,18 +104,21 @@ def main() -> None:
         tuned = export(load_checkpoint(args.finetuned), work / "finetuned.onnx", shape).onnx_path
         quiet = lambda m: None  # noqa: E731
         routes = {
-            "stock onnxruntime quantize_static (MinMax)": stock_minmax(original, calib, work / "stock.onnx", height, width),
-            "NNCF 3.4 (MIXED, fast bias correction)": nncf_int8(original, calib, work / "nncf.onnx", height, width),
-            "ours --method max (default, equalized)": quantize(original, work / "max.onnx", calib, None,
-                                                               QuantizeOptions(), warn=quiet).int8_path,
+            "stock onnxruntime quantize_static (MinMax)":
+                lambda: stock_minmax(original, calib, work / "stock.onnx", height, width),
+            "NNCF 3.4 (MIXED, fast bias correction)": lambda: nncf_int8(original, calib, work / "nncf.onnx", height, width),
+            "ours --method max (default, equalized)":
+                lambda: quantize(original, work / "max.onnx", calib, None, QuantizeOptions(), warn=quiet).int8_path,
             "ours --method auto (post-training: output-aware ranges and int8 weights)":
-                auto_int8(original, calib, work / "auto.onnx"),
-            "ours finetune + --method learned": quantize(tuned, work / "learned.onnx", None, None,
-                                                         QuantizeOptions(method="learned", equalize=False),
-                                                         warn=quiet).int8_path,
+                lambda: auto_int8(original, calib, work / "auto.onnx"),
+            LEARNED: lambda: quantize(tuned, work / "learned.onnx", None, None,
+                                      QuantizeOptions(method="learned", equalize=False), warn=quiet).int8_path,
         }
+        if args.learned_only:
+            routes = {LEARNED: routes[LEARNED]}
         results = {}
-        for route, int8 in routes.items():
+        for route, make_int8 in routes.items():
+            int8 = make_int8()
             if int8 is None:
                 print(f"{route}: not installed (pip install -e '.[bench]')")
                 continue

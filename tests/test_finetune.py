@@ -250,7 +250,7 @@ def test_learned_without_ranges_and_diverging_loss_are_one_line(tmp_path, calib_
     monkeypatch.setattr("dipnet_deploy.finetune.LOSSES", {"l1": l1_turning_nan})
     out_path = tmp_path / "nan.pth"
     code, _, err = invoke("finetune", "--data", calib_images, "--iters", 6, "--batch", 2, "--patch", 32,
-                          "--save-every", 1, "--out", out_path, "--threads", 2)
+                          "--save-every", 1, "--out", out_path, "--threads", 2, "--no-compile")
     last = err.strip().splitlines()[-1]  # after the progress bar
     assert code == 2 and last.startswith("dipnet-deploy: error: --lr: the loss became nan at iteration 3"), err
     assert "Traceback" not in err
@@ -315,7 +315,49 @@ def test_finetune_command_defaults_are_the_api_defaults(invoke):
     from dipnet_deploy.finetune import FinetuneOptions
 
     defaults = FinetuneOptions()
+    fields = {"compile_step": "compile"}
+    checked = set()
     for parameter in command.params:
-        if parameter.name in ("iters", "batch", "lr", "range_lr", "equalize", "target", "loss",
-                              "val_every", "save_every", "seed", "device"):
-            assert parameter.default == getattr(defaults, parameter.name), parameter.name
+        name = fields.get(parameter.name, parameter.name)
+        if name in ("iters", "batch", "lr", "range_lr", "equalize", "target", "loss",
+                    "val_every", "save_every", "seed", "device", "compile"):
+            assert parameter.default == getattr(defaults, name), name
+            checked.add(name)
+    assert len(checked) == 12
+
+
+def test_compiled_step_computes_the_eager_loss(calib_images, tmp_path):
+    """The compiled student and teacher are the same functions: iteration 1 (the same batch through
+    the same starting weights) gives eager PyTorch's loss, up to a few flipped rounding levels."""
+    from dipnet_deploy.finetune import FinetuneOptions, finetune
+
+    losses = {}
+    for compiled in (False, True):
+        options = FinetuneOptions(iters=1, batch=4, patch=32, threads=2, compile=compiled)
+        losses[compiled] = finetune(PACKAGED_WEIGHTS, calib_images, tmp_path / f"{compiled}.pth", options,
+                                    warn=lambda m: None).last_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert losses[True] != 0
+
+
+def test_failed_compilation_warns_once_and_trains_exactly_as_eager(calib_images, tmp_path, monkeypatch):
+    from dipnet_deploy.finetune import FinetuneOptions, finetune
+
+    def unusable(module):
+        def call(*args):
+            raise RuntimeError("InductorError: C++ compiler not found\nmore detail")
+        return call
+
+    options = FinetuneOptions(iters=2, batch=2, patch=32, threads=2, compile=False)
+    finetune(PACKAGED_WEIGHTS, calib_images, tmp_path / "eager.pth", options, warn=lambda m: None)
+    monkeypatch.setattr("dipnet_deploy.qat.torch.compile", unusable)
+    warnings = []
+    options.compile = True
+    finetune(PACKAGED_WEIGHTS, calib_images, tmp_path / "fallback.pth", options, warn=warnings.append)
+    assert warnings == ["torch.compile is not usable here (InductorError: C++ compiler not found); "
+                        "running without it (about half the speed)"]
+    eager, fallback = (torch.load(tmp_path / name, weights_only=True) for name in ("eager.pth", "fallback.pth"))
+    for key in ("params", "params_ema"):
+        for name, tensor in eager[key].items():
+            assert torch.equal(tensor, fallback[key][name]), (key, name)
+    assert eager["quantization"]["ranges"] == fallback["quantization"]["ranges"]
