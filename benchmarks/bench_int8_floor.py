@@ -20,8 +20,6 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from _measure import SHARED
 from bench_finetune import VARIANTS
 
@@ -49,9 +47,7 @@ class PartlyQuantized(QuantSimDIPNet):
         return super().quant(name, value)
 
     def conv(self, name, module, x):
-        if not self.float_weights:
-            return super().conv(name, module, x)
-        return self.quant(name, F.conv2d(x.value, module.weight, module.bias, module.stride, module.padding))
+        return self.quant(name, module(x.value)) if self.float_weights else super().conv(name, module, x)
 
 
 def y_mse(a: np.ndarray, b: np.ndarray, scale: int) -> float:
@@ -68,9 +64,10 @@ def main() -> None:
     parser.add_argument("--float", nargs="*", default=list(LONG_SKIP), help="points left in float in part 2")
     args = parser.parse_args()
     original = load_checkpoint(VARIANTS[args.variant][0]).model
-    tuned = load_checkpoint(args.finetuned).model
-    ranges = {name: tuple(bounds) for name, bounds in torch.load(args.finetuned, weights_only=True)
-              ["quantization"]["ranges"].items()}
+    finetuned = load_checkpoint(args.finetuned)
+    tuned, ranges = finetuned.model, finetuned.learned_ranges
+    if ranges is None:
+        parser.error(f"{args.finetuned} carries no learned ranges (not a `finetune` checkpoint)")
     scale = original.config.upscale
     int8 = QuantSimDIPNet(tuned, ranges).eval()
 
