@@ -6,16 +6,17 @@ import functools
 import importlib
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 
 import click
 
-from dipnet_deploy import __version__
+from dipnet_deploy import __version__, leftovers
 from dipnet_deploy.artifacts import DEFAULT_FP32, DEFAULT_INT8, default_checkpoint, default_fp32_path, default_int8_path
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import json_text
+from dipnet_deploy.fileio import is_write_failure, json_text
 from dipnet_deploy.runtime import RUNTIMES
 
 
@@ -48,7 +49,8 @@ def fail(message: str) -> None:
 
 
 def user_errors(command):
-    """Turn InputError into one stderr line and exit code 2 (no traceback)."""
+    """Turn InputError, and a write that found no room (``fileio.WRITE_FAILURES``, where no stage named the
+    file), into one stderr line and exit code 2 (no traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -56,21 +58,43 @@ def user_errors(command):
             return command(*args, **kwargs)
         except InputError as error:
             fail(str(error))
+        except OSError as error:
+            if not is_write_failure(error):
+                raise
+            fail(f"{error.filename or 'an output'}: cannot write ({error.strerror or os.strerror(error.errno)})")
 
     return wrapper
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``timeout`` send), raised where the program is: every clean-up that
+    Ctrl-C runs (temporary files, worker processes) runs for it too."""
+
+
+def _terminate(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    raise Terminated()
+
+
 def run() -> None:
-    """Console entry point: click usage errors also become one line and exit code 2; Ctrl-C exits 130."""
+    """Console entry point: click usage errors also become one line and exit code 2; Ctrl-C exits 130 and
+    SIGTERM 143, after the same clean-up. What killed runs left (``leftovers``) is removed first."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        leftovers.sweep()
         main.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
         fail(error.format_message().replace("\n", " "))
-    except click.exceptions.Abort:  # click's form of KeyboardInterrupt; outputs are written atomically, so none is partial
+    except click.exceptions.Abort as abort:  # click's form of KeyboardInterrupt; outputs are atomic, none is partial
+        if isinstance(abort.__cause__, Terminated):
+            click.echo("dipnet-deploy: terminated", err=True)
+            sys.exit(128 + signal.SIGTERM)
         click.echo("dipnet-deploy: interrupted", err=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # for a caller that runs the command in its own process (tests)
 
 
 json_option = click.option("--json", "as_json", is_flag=True,
@@ -495,6 +519,10 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
         if name in mean["psnr_y"]:
             click.echo(f"{name:>8}: PSNR-Y {mean['psnr_y'][name]:.2f} dB  SSIM-Y {mean['ssim_y'][name]:.4f}  "
                        f"PSNR-RGB {mean['psnr_rgb'][name]:.2f} dB")
+    if "drop_psnr_y" in document:
+        drop = document["drop_psnr_y"]
+        click.echo(f"int8 drop: PSNR-Y mean {drop['mean']:.3f} dB, worst image {drop['worst']:.3f} dB "
+                   f"({one_line(Path(drop['worst_image']).name)})")
     latency = document["latency"]
     if "speedup_int8" in latency:
         click.echo(f"latency per 1080p frame: fp32 {latency['fp32']['per_1080p_frame_s']:.3f} s, "
@@ -505,6 +533,10 @@ def compare(report_dir, fp32_path, int8_path, data, protocol, limit, workers, re
                    "images": document["count"], "skipped": len(document["skipped"]),
                    "execution": document["execution"]["backend"],
                    **{f"{k}_{n}": round(v, 4) for k in ("psnr_y", "ssim_y") for n, v in mean[k].items()}}
+        if "drop_psnr_y" in document:
+            drop = document["drop_psnr_y"]
+            summary |= {"drop_psnr_y_mean": round(drop["mean"], 4), "drop_psnr_y_worst": round(drop["worst"], 4),
+                        "worst_image": drop["worst_image"]}
         if "speedup_int8" in latency:
             summary |= {"latency_fp32_s": round(latency["fp32"]["per_1080p_frame_s"], 4),
                         "latency_int8_s": round(latency["int8"]["per_1080p_frame_s"], 4),

@@ -17,7 +17,6 @@ took 3 minutes on 2 cores.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from dipnet_deploy.calibrate import PASS2_BUDGET_BYTES
+from dipnet_deploy.fileio import scratch_dir
 from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.quantize import depth_to_space_on_float
@@ -147,7 +147,7 @@ def diagnose(int8_path: Path, rows: list[dict], protocol: str, scale: int,
     int8_runner = TiledRunner(str(int8_path), runtime=runtime)
     sqnr = signal_to_noise(int8, pairs, [first_tile(hr, int8_runner, protocol, scale) for hr in images])
     entries = []
-    with tempfile.TemporaryDirectory(prefix="dipnet-diagnose-") as work:
+    with scratch_dir("dipnet-diagnose-") as work:
         for pair in progress(pairs, "diagnose", len(pairs)):
             path = Path(work) / "fallback.onnx"
             onnx.save(float_fallback(int8, [pair]), str(path))

@@ -15,3 +15,8 @@ class InputError(Exception):
 
     def __reduce__(self):  # rebuilt from both fields when it crosses a process boundary (a pool worker's error)
         return type(self), (self.where, self.problem)
+
+
+class WriteError(InputError):
+    """An output could not be stored (full disk, quota, file-size limit, read-only device): it ends the run,
+    where a bad input among several is only skipped."""

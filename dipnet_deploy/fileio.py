@@ -1,17 +1,71 @@
-"""Atomic file output: write to a temporary file beside the target, then rename."""
+"""File output: atomic (a temporary file beside the target, then rename), sealed, and cleaned up after a kill.
+
+Conventions:
+- every file is written under a temporary name and renamed over its target when complete;
+- a write that fails for lack of room (full disk, quota, file-size limit, read-only or failing
+  device: ``WRITE_FAILURES``) is one ``InputError`` naming the target;
+- every JSON and checkpoint we write carries a ``seal``: the sha256 of its own content, which a
+  file of the user's does not carry by accident (``safety.written_by_us`` checks it);
+- every temporary file and scratch folder is recorded in a journal (``leftovers.py``), so that the
+  next run removes what a killed run (SIGKILL) left, and only that.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from dipnet_deploy.errors import InputError
+from dipnet_deploy import leftovers
+from dipnet_deploy.errors import InputError, WriteError
+
+# errno values that mean "the output could not be stored", as opposed to a bug or a bad input
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+SEAL_KEY = "seal"
+SEAL_PREFIX = "sha256:"
+_JSON_SEAL_SALT = b"dipnet-deploy sealed JSON v1\n"
+_CHECKPOINT_SEAL_SALT = b"dipnet-deploy sealed checkpoint v1\n"
+
+
+def is_write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is an OSError of ``WRITE_FAILURES`` (no room, read-only, device failing)."""
+    return isinstance(error, OSError) and error.errno in WRITE_FAILURES
+
+
+@contextlib.contextmanager
+def write_failures_named(path: str | Path) -> Iterator[None]:
+    """Turn a ``WRITE_FAILURES`` error inside the block into one ``WriteError`` naming ``path``."""
+    try:
+        yield
+    except OSError as error:
+        if not is_write_failure(error):
+            raise
+        raise WriteError(path, f"cannot write ({error.strerror or os.strerror(error.errno)})") from None
+
+
+def refuse_without_room(folder: str | Path, size: int) -> None:
+    """Raise ``WriteError`` if a file of ``size`` bytes cannot be written in ``folder`` (tried, then removed).
+
+    For a library that fails to save a file with an error of its own type (onnxruntime's "serialization
+    failed"): the caller asks this whether the cause was the room to write, and says so in one line."""
+    with write_failures_named(folder):
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".room-", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as probe:
+                for _ in range(0, size, 1 << 20):
+                    probe.write(b"\0" * min(1 << 20, size))
+                probe.flush()
+                os.fsync(probe.fileno())
+        finally:
+            os.unlink(name)
 
 
 def ensure_parent(path: str | Path) -> Path:
@@ -47,7 +101,8 @@ def refuse_unwritable(path: str | Path, folder: bool = False) -> None:
 
 def temp_beside(path: str | Path) -> Path:
     """A new, empty temporary file beside ``path`` (hidden, unique: never an existing file), for a
-    writer that renames it over ``path`` when complete; the parent folder is created."""
+    writer that renames it over ``path`` when complete; the parent folder is created. It is recorded
+    in the leftovers journal (``leftovers.forget`` once it is renamed or removed)."""
     path = ensure_parent(path)
     try:
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -55,6 +110,7 @@ def temp_beside(path: str | Path) -> Path:
         raise InputError(path, f"cannot write ({error.strerror})") from None
     os.close(handle)
     temp = Path(temp_name)
+    leftovers.record(temp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
@@ -67,10 +123,29 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     temp = temp_beside(path)
     try:
-        yield temp
-        os.replace(temp, path)
+        with write_failures_named(path):
+            yield temp
+            os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
+        leftovers.forget(temp)
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A new private folder in the system's temporary directory, removed after the block (and by the
+    next run if this one is killed: it is recorded in the leftovers journal)."""
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=prefix))
+    except OSError as error:
+        raise InputError(tempfile.gettempdir(), f"cannot make a scratch folder ({error.strerror})") from None
+    leftovers.record(folder)
+    try:
+        with write_failures_named(folder):
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        leftovers.forget(folder)
 
 
 @contextlib.contextmanager
@@ -105,13 +180,68 @@ def json_text(payload: dict, indent: int | None = 2) -> str:
     return json.dumps(finite_or_null(payload), indent=indent, sort_keys=False, allow_nan=False, default=str)
 
 
-def json_bytes(payload: dict) -> bytes:
-    """The project's JSON file layout: strict JSON, indented, a final newline."""
+def _layout(payload: dict) -> bytes:
     return (json_text(payload) + "\n").encode()
+
+
+def json_bytes(payload: dict) -> bytes:
+    """The project's JSON file layout: strict JSON, indented, a final newline, and last a ``seal`` key
+    (``json_seal`` of the rest), so that ``safety`` can tell our files from a user's."""
+    payload = {key: value for key, value in payload.items() if key != SEAL_KEY}
+    return _layout({**payload, SEAL_KEY: json_seal(payload)})
+
+
+def json_seal(payload: dict) -> str:
+    """``sha256:HEX`` of ``payload`` (without its seal) in the project's JSON layout."""
+    return SEAL_PREFIX + hashlib.sha256(_JSON_SEAL_SALT + _layout(payload)).hexdigest()
+
+
+def sealed_json(data: bytes) -> dict | None:
+    """The JSON object in ``data`` if it is exactly what ``json_bytes`` writes (layout and seal), else None."""
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get(SEAL_KEY), str):
+        return None
+    rest = {key: value for key, value in document.items() if key != SEAL_KEY}
+    try:
+        return document if document[SEAL_KEY] == json_seal(rest) and _layout(document) == data else None
+    except (ValueError, TypeError, RecursionError):
+        return None
 
 
 def write_json_atomic(path: str | Path, payload: dict) -> None:
     write_bytes_atomic(path, json_bytes(payload))
+
+
+def checkpoint_seal(payload: dict) -> str:
+    """``sha256:HEX`` of a checkpoint's weights (``params``, ``params_ema``: names, dtypes, shapes, bytes),
+    ``iter`` and ``config``: what makes a ``train``/``finetune`` checkpoint ours."""
+    import torch
+
+    digest = hashlib.sha256(_CHECKPOINT_SEAL_SALT)
+    digest.update(json_text({"iter": payload.get("iter"), "config": payload.get("config")}, indent=None).encode())
+    for key in ("params", "params_ema"):
+        weights = payload.get(key)
+        if not isinstance(weights, dict):
+            continue
+        for name in sorted(weights, key=str):
+            tensor = weights[name]
+            if not isinstance(tensor, torch.Tensor):
+                return ""  # not a state dict: never ours
+            digest.update(f"{key}/{name}/{tensor.dtype}/{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return SEAL_PREFIX + digest.hexdigest()
+
+
+def write_checkpoint(path: str | Path, payload: dict) -> None:
+    """``torch.save`` of ``payload`` with its ``seal`` (``checkpoint_seal``), written atomically to ``path``."""
+    import torch
+
+    buffer = io.BytesIO()  # serialized in memory, so that a full disk is an OSError of our own write
+    torch.save({**payload, SEAL_KEY: checkpoint_seal(payload)}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,7 +31,7 @@ from dipnet_deploy.config import refuse_beyond_memory
 from dipnet_deploy.equalize import channel_spaces, equalization_scales, equalize_with
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_onnx
-from dipnet_deploy.fileio import atomic_path, ensure_parent
+from dipnet_deploy.fileio import ensure_parent, write_checkpoint
 from dipnet_deploy.imageio import list_images, silent
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qat import (
@@ -43,7 +43,7 @@ from dipnet_deploy.qat import (
     observe_ranges,
 )
 from dipnet_deploy.range_graphs import tensor_shapes
-from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
+from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign, same_file
 from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, LoopOptions, PairedPatches, fit, load_val_pairs, make_run
 
@@ -172,7 +172,8 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     images = list_images(data, silent) + (list_images(options.val, silent) if options.val is not None else [])
     refuse_collisions([("--out", out)], [("--checkpoint", Path(checkpoint))] +
                       [("a --data/--val image", path) for path in images])
-    refuse_replacing_foreign([("checkpoint", out)])
+    if not (options.resume and same_file(out, options.resume)):  # continuing the file the user named twice
+        refuse_replacing_foreign([("checkpoint", out)])
     ensure_parent(out)
     if options.threads:
         torch.set_num_threads(options.threads)
@@ -241,8 +242,7 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
         payload = run.payload(config, asdict(options) | {"checkpoint": str(checkpoint), "data": str(data)}, wall)
         payload["quantization"] = learned_ranges_entry(run.model, run.ema)
         payload["finetuned_from"] = {"path": str(checkpoint), "sha256": loaded.sha256, "entry": loaded.source}
-        with atomic_path(out) as temp:
-            torch.save(payload, temp)
+        write_checkpoint(out, payload)
 
     seconds, loss_value = fit(run, patches, loss_of, options, save, validation=validation if val_pairs else None,
                               progress=progress, description="finetune", device=options.device)

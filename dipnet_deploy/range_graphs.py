@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from dipnet_deploy.fileio import refuse_without_room, scratch_dir
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -144,11 +145,16 @@ def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.Model
     -max(-x)), whose (1, C, 1, 1) result is in channel order with the padding last. Returns the
     model to run without further optimization.
     """
-    with tempfile.TemporaryDirectory(prefix="dipnet-calib-") as work:
+    with scratch_dir("dipnet-calib-") as work:
         options = ort.SessionOptions()
         options.optimized_model_filepath = str(Path(work) / "optimized.onnx")
         options.log_severity_level = 3  # the "hardware specific" warning: intended, this model is used here only
-        ort.InferenceSession(range_model(model, tensors).SerializeToString(), options, providers=["CPUExecutionProvider"])
+        graph = range_model(model, tensors).SerializeToString()
+        try:
+            ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except Exception:  # onnxruntime's own error types; the usual cause here is no room to save the model
+            refuse_without_room(work, len(graph))
+            raise
         optimized = onnx.load(options.optimized_model_filepath)
     graph = optimized.graph
     producer = {out: node for node in graph.node for out in node.output}

@@ -3,6 +3,7 @@
 metrics.json schema (version 1):
   protocol, scale, models.{fp32,int8}.{path,sha256,input_shape}, receptive_field,
   int8_origin (null or {method, fp32_onnx, from_this_fp32, finetuned}),
+  drop_psnr_y.{mean,worst,worst_image} (with an int8 model: the tail beside the mean; absent in older reports),
   mean.{psnr_y,ssim_y,psnr_rgb,ssim_rgb}.{fp32,int8,bicubic}, mean_int8_vs_fp32.{psnr_rgb,max_abs_diff},
   images[]: {image, hr_size, lr_size, tiles, psnr_y.{..}, ssim_y.{..}, psnr_rgb.{..}, ssim_rgb.{..},
              int8_vs_fp32.{psnr_rgb,max_abs_diff}, drop_psnr_y},
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import io
 import os
 import shutil
 import tempfile
@@ -28,11 +30,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dipnet_deploy import leftovers  # noqa: E402
 from dipnet_deploy.artifacts import TOOL  # noqa: E402
 from dipnet_deploy.compare import METRICS, Comparison  # noqa: E402
 from dipnet_deploy.errors import InputError  # noqa: E402
-from dipnet_deploy.fileio import json_bytes, refuse_unwritable  # noqa: E402
-from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, holds_our_report, refuse_collisions  # noqa: E402
+from dipnet_deploy.fileio import json_bytes, refuse_unwritable, sha256_file, write_failures_named  # noqa: E402
+from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, our_report_files, refuse_collisions  # noqa: E402
 
 COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
 CROP = 96  # HR pixels of the side-by-side crops
@@ -61,6 +64,9 @@ def metrics_document(comparison: Comparison) -> dict:
     if comparison.diagnosis is not None:
         document["int8_diagnosis"] = comparison.diagnosis
     if "int8" in comparison.models:
+        worst = max(rows, key=lambda r: r["drop_psnr_y"])
+        document["drop_psnr_y"] = {"mean": float(np.mean([r["drop_psnr_y"] for r in rows])),
+                                   "worst": float(worst["drop_psnr_y"]), "worst_image": worst["image"]}
         document["mean_int8_vs_fp32"] = {
             "psnr_rgb": float(np.mean([r["int8_vs_fp32"]["psnr_rgb"] for r in rows])),
             "max_abs_diff": float(np.max([r["int8_vs_fp32"]["max_abs_diff"] for r in rows])),
@@ -70,7 +76,7 @@ def metrics_document(comparison: Comparison) -> dict:
 
 def _psnr_chart(rows: list[dict], path: Path) -> None:
     names = [n for n in ("bicubic", "fp32", "int8") if n in rows[0]["psnr_y"]]
-    labels = [Path(r["image"]).stem for r in rows]
+    labels = [display_name(Path(r["image"]).stem) for r in rows]
     width = 0.8 / len(names)
     fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.6), dpi=110)
     x = np.arange(len(rows))
@@ -90,8 +96,9 @@ def _psnr_chart(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _diagnosis_chart(diagnosis: list[dict], path: Path) -> None:
-    """Horizontal bars: PSNR-Y regained by leaving each tensor in float, largest on top."""
+def _diagnosis_chart(diagnosis: list[dict]) -> bytes:
+    """Horizontal bars (PNG bytes): PSNR-Y regained by leaving each tensor in float, largest on top. Made in
+    memory: it is only embedded in the page, never a file of the report."""
     shown = diagnosis[:DIAGNOSIS_SHOWN]
     fig, ax = plt.subplots(figsize=(8, 0.28 * len(shown) + 1.2), dpi=110)
     y = np.arange(len(shown))[::-1]
@@ -101,8 +108,10 @@ def _diagnosis_chart(diagnosis: list[dict], path: Path) -> None:
     ax.set_title("Where int8 loses: each quantized activation")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     plt.close(fig)
+    return buffer.getvalue()
 
 
 def _diagnosis_rows(document: dict) -> list[list[str]]:
@@ -229,43 +238,39 @@ REPORT_FILES = ("psnr_per_image.png", "worst_crops.png", "error_heatmap.png", "r
 STAGING_PREFIX = ".dipnet-report-"  # write_report's hidden staging folder inside the report folder
 
 
-def orphan_staging(entry: Path) -> bool:
-    """Whether ``entry`` is a staging folder left by a killed ``write_report``: our prefix, and nothing in
-    it but files named as ours (so removing it can never remove anything of the user's)."""
-    if entry.is_symlink() or not entry.is_dir() or not entry.name.startswith(STAGING_PREFIX):
-        return False
-    try:
-        return all(child.name in REPORT_FILES and child.is_file() and not child.is_symlink()
-                   for child in entry.iterdir())
-    except OSError:
-        return False
-
-
-def _remove_orphan_staging(report_dir: Path) -> None:
-    for entry in list(report_dir.iterdir()):
-        if orphan_staging(entry):
-            with contextlib.suppress(OSError):
-                for child in entry.iterdir():
-                    child.unlink()
-                entry.rmdir()
+def display_name(path: str | Path) -> str:
+    """A file's name as text any font, page and JSON parser takes: bytes that are not UTF-8 (kept by
+    Python as lone surrogates) become U+FFFD."""
+    return os.fsencode(Path(path).name).decode("utf-8", "replace")
 
 
 def check_report_dir(report_dir: Path, inputs: Iterable[tuple[str, Path]] = ()) -> None:
     """Refuse a report folder before any work: not a folder, not writable, holding someone else's files,
-    or where one of our report files would replace an input (``inputs``: (option, path) pairs).
+    a report file changed since our last run wrote it, or where one of our report files would replace an
+    input (``inputs``: (option, path) pairs).
 
-    A folder holding nothing but staging folders of a killed run (``orphan_staging``) counts as empty.
+    The folder must be new, empty, or hold our report (``safety.our_report_files``): then every report
+    file there must still have the content our last run recorded, so a user's own ``index.html`` (or an
+    edited one) is never replaced. Staging folders of killed runs are removed first (``leftovers``).
     """
     report_dir = Path(report_dir)
     if report_dir.exists() and not report_dir.is_dir():
         raise InputError(report_dir, "exists and is not a directory")
+    leftovers.sweep()
     try:
         entries = list(report_dir.iterdir()) if report_dir.is_dir() else []
     except OSError as error:
         raise InputError(report_dir, f"cannot list the folder ({error.strerror})") from None
-    if any(not orphan_staging(entry) for entry in entries) and not holds_our_report(report_dir):
-        raise InputError(report_dir, "is a non-empty folder that is not a dipnet-deploy report (no metrics.json of "
-                                     "ours); give a new or empty folder, or a previous report to update")
+    recorded = our_report_files(report_dir)
+    if entries and recorded is None:
+        raise InputError(report_dir, "is a non-empty folder that is not a dipnet-deploy report (no sealed metrics.json "
+                                     "of ours); give a new or empty folder, or a previous report to update")
+    for name in REPORT_FILES[:-1]:
+        path = report_dir / name
+        if (path.exists() or path.is_symlink()) and (
+                path.is_symlink() or not path.is_file() or recorded.get(name) != sha256_file(path)):
+            raise InputError(path, "is not the file our last report wrote there (changed, or not ours); refusing to "
+                                   "replace it (move it first, or give another report folder)")
     refuse_unwritable(report_dir, folder=True)
     refuse_collisions([(f"report file {name}", report_dir / name) for name in REPORT_FILES], inputs)
 
@@ -275,31 +280,21 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
 
     The folder must be new, empty or a previous report (``check_report_dir``). The files are made in a
     hidden staging folder inside ``report_dir`` and moved in at the end, so a failed or interrupted run
-    leaves the folder as it was.
+    leaves the folder as it was; ``metrics.json`` records the sha256 of the others (``files``).
     """
     report_dir = Path(report_dir)
     check_report_dir(report_dir, [(f"--{name}", info.path) for name, info in comparison.models.items()])
     created = not report_dir.exists()
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
-        _remove_orphan_staging(report_dir)
         staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))
     except OSError as error:
         raise InputError(report_dir, f"cannot write the report ({error.strerror})") from None
+    leftovers.record(staging)
     finished = False
     try:
-        document = metrics_document(comparison)
-        worst, images = comparison.worst, comparison.worst_images
-        _psnr_chart(comparison.rows, staging / "psnr_per_image.png")
-        worst_name = Path(worst["image"]).name
-        caption = (f"{worst_name}: largest int8 drop ({worst['drop_psnr_y']:.2f} dB PSNR-Y)"
-                   if "int8" in images else f"{worst_name}: smallest gain over bicubic")
-        _crops_figure(images, caption, staging / "worst_crops.png", amplify=32.0)
-        heat_label = _heatmap(images, staging / "error_heatmap.png")
-        document["worst_image"] = worst["image"]
-        (staging / "metrics.json").write_bytes(json_bytes(document))
-        (staging / "report.md").write_text(_markdown(document, caption, heat_label))
-        (staging / "index.html").write_text(_html(document, caption, heat_label, staging))
+        with write_failures_named(report_dir):
+            document = _stage_report(comparison, staging)
         try:
             for name in REPORT_FILES:
                 os.replace(staging / name, report_dir / name)
@@ -308,9 +303,28 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
         finished = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # our own staging folder only
+        leftovers.forget(staging)
         if created and not finished:
             with contextlib.suppress(OSError):
                 report_dir.rmdir()  # only when still empty
+    return document
+
+
+def _stage_report(comparison: Comparison, staging: Path) -> dict:
+    """Make every REPORT_FILE in ``staging``; the metrics document, with the sha256 of the others."""
+    document = metrics_document(comparison)
+    worst, images = comparison.worst, comparison.worst_images
+    _psnr_chart(comparison.rows, staging / "psnr_per_image.png")
+    worst_name = display_name(worst["image"])
+    caption = (f"{worst_name}: largest int8 drop ({worst['drop_psnr_y']:.2f} dB PSNR-Y)"
+               if "int8" in images else f"{worst_name}: smallest gain over bicubic")
+    _crops_figure(images, caption, staging / "worst_crops.png", amplify=32.0)
+    heat_label = _heatmap(images, staging / "error_heatmap.png")
+    document["worst_image"] = worst["image"]
+    (staging / "report.md").write_text(_markdown(document, caption, heat_label), encoding="utf-8", errors="replace")
+    (staging / "index.html").write_text(_html(document, caption, heat_label, staging), encoding="utf-8", errors="replace")
+    document["files"] = {name: sha256_file(staging / name) for name in REPORT_FILES[:-1]}
+    (staging / "metrics.json").write_bytes(json_bytes(document))
     return document
 
 
@@ -328,9 +342,9 @@ def _markdown(document: dict, caption: str, heat_label: str) -> str:
               "| image | tiles | bicubic | fp32 | int8 | drop |", "|---|---|---|---|---|---|"]
     for row in document["images"]:
         p = row["psnr_y"]
-        lines.append(f"| {Path(row['image']).name} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | "
+        lines.append(f"| {display_name(row['image'])} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | "
                      f"{p['int8']:.2f} | {row['drop_psnr_y']:+.2f} |" if "int8" in p else
-                     f"| {Path(row['image']).name} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | | |")
+                     f"| {display_name(row['image'])} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | | |")
     lines += ["", f"## {caption}", "", "![crops](worst_crops.png)", "", f"Error heatmap: {heat_label}", "",
               "![heatmap](error_heatmap.png)", ""]
     if "int8_diagnosis" in document:
@@ -344,8 +358,9 @@ DIAGNOSIS_TEXT = ("Each quantized activation: the PSNR-Y the int8 model regains 
                   "tensor over the first tile of each image. Largest gain first.")
 
 
-def _embed(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+def _embed(png: Path | bytes) -> str:
+    data = png if isinstance(png, bytes) else png.read_bytes()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
@@ -353,7 +368,7 @@ def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
     head = "".join(f"<th>{h}</th>" for h in ("", "PSNR-Y (dB)", "SSIM-Y", "PSNR-RGB (dB)", "SSIM-RGB"))
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _summary_rows(document))
     per_image = "".join(
-        f"<tr><td>{e(Path(r['image']).name)}</td><td>{r['lr_size'][0]}x{r['lr_size'][1]}</td><td>{r['tiles']}</td>"
+        f"<tr><td>{e(display_name(r['image']))}</td><td>{r['lr_size'][0]}x{r['lr_size'][1]}</td><td>{r['tiles']}</td>"
         + "".join(f"<td>{r['psnr_y'][n]:.2f}</td>" if n in r["psnr_y"] else "<td></td>" for n in ("bicubic", "fp32", "int8"))
         + (f"<td>{r['drop_psnr_y']:+.2f}</td><td>{r['int8_vs_fp32']['max_abs_diff']:.0f}</td>" if "int8" in r["psnr_y"]
            else "<td></td><td></td>") + "</tr>" for r in document["images"])
@@ -366,19 +381,21 @@ def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
     if "int8" in document["mean"]["psnr_y"]:
         m = document["mean"]["psnr_y"]
         speed = document["latency"].get("speedup_int8")
+        drop = document["drop_psnr_y"]
         headline = (f"<p class=headline>int8 costs <b>{m['fp32'] - m['int8']:.2f} dB</b> PSNR-Y "
                     f"({m['fp32']:.2f} → {m['int8']:.2f} dB)" +
-                    (f" and runs <b>{speed:.2f}×</b> the speed of fp32" if speed else "") + ".</p>")
+                    (f" and runs <b>{speed:.2f}×</b> the speed of fp32" if speed else "") +
+                    f"; its worst image loses <b>{drop['worst']:.2f} dB</b> "
+                    f"({e(display_name(drop['worst_image']))}).</p>")
     origin = f"<p>{e(_origin_text(document))}</p>" if _origin_text(document) else ""
     models = "".join(f"<li>{n}: <code>{e(m['path'])}</code> ({'x'.join(map(str, m['input_shape']))}, "
                      f"sha256 {m['sha256'][:12]}…)</li>" for n, m in document["models"].items())
     latency = "".join(f"<li>{e(line)}</li>" for line in _latency_lines(document))
     diagnosis = ""
     if "int8_diagnosis" in document:
-        _diagnosis_chart(document["int8_diagnosis"], folder / "diagnosis.png")
         cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in _diagnosis_rows(document))
         diagnosis = (f"<h2>Diagnosis</h2><p class=muted>{e(DIAGNOSIS_TEXT)}</p>"
-                     f"<img alt=\"diagnosis\" src=\"{_embed(folder / 'diagnosis.png')}\">"
+                     f"<img alt=\"diagnosis\" src=\"{_embed(_diagnosis_chart(document['int8_diagnosis']))}\">"
                      f"<table><tr>{''.join(f'<th>{h}</th>' for h in DIAGNOSIS_HEAD)}</tr>{cells}</table>")
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>dipnet-deploy report</title>

@@ -6,21 +6,26 @@ Conventions:
   counts as its target);
 - an output replaces only an earlier file of ours (``written_by_us``), never one of the user's,
   whether the user named the path or the tool derived it (a model card, the default ranges file);
-- a folder is one of our reports when it holds a ``metrics.json`` whose ``schema`` starts with
-  ``METRICS_SCHEMA_PREFIX``; data listings skip such folders and ``compare`` only ever replaces
-  its own files in them.
+- "ours" is decided by content a user's file does not carry by accident: a JSON exactly in our
+  layout whose ``seal`` is the sha256 of the rest (``fileio.json_bytes``), an ONNX whose sealed card
+  records its sha256, a checkpoint whose ``seal`` is the sha256 of its weights, iteration and
+  config (``fileio.checkpoint_seal``). A name, a ``tool`` field or a set of keys proves nothing;
+- a folder is one of our reports when it holds a sealed ``metrics.json`` of our schema that records
+  the sha256 of every other report file (``our_report_files``); data listings skip such folders,
+  and ``compare`` replaces a report file only while it still has the recorded content.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import SEAL_KEY, checkpoint_seal, sealed_json, sha256_file
 
 METRICS_SCHEMA_PREFIX = "dipnet-deploy-metrics/"
+JSON_BYTES_LIMIT = 1 << 26  # our cards, ranges and metrics are far smaller; a larger JSON is not ours
 CHECKPOINT_BYTES_LIMIT = 1 << 30  # our checkpoints are a few MB; a larger file at an output path is not ours
 
 
@@ -51,10 +56,23 @@ def refuse_collisions(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tupl
         seen.append((role, path))
 
 
+def our_report_files(directory: str | Path) -> dict[str, str] | None:
+    """The report files (name -> sha256) that the sealed ``metrics.json`` in ``directory`` records, or None
+    when there is no such ``metrics.json`` of ours."""
+    document = _our_json(Path(directory) / "metrics.json")
+    if document is None or not str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX):
+        return None
+    files = document.get("files")
+    if not isinstance(files, dict) or not all(isinstance(name, str) and "/" not in name and name not in ("", ".", "..")
+                                              and isinstance(digest, str) and len(digest) == 64
+                                              for name, digest in files.items()):
+        return None
+    return files
+
+
 def holds_our_report(directory: str | Path) -> bool:
-    """Whether ``directory`` holds a ``metrics.json`` written by ``compare``."""
-    document = _small_json(Path(directory) / "metrics.json")
-    return document is not None and str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX)
+    """Whether ``directory`` holds a ``metrics.json`` written by ``compare`` (``our_report_files``)."""
+    return our_report_files(directory) is not None
 
 
 def written_by_us(path: str | Path) -> bool:
@@ -83,26 +101,21 @@ def refuse_replacing_foreign(outputs: Iterable[tuple[str, Path]]) -> None:
                                    f"{role} (move or delete it first, or choose another path)")
 
 
-def _small_json(path: Path) -> dict | None:
-    """The JSON object in the regular file ``path``, or None; our JSON files are small: never read a huge one."""
-    if not path.is_file():
-        return None
-    try:
-        with open(path, "rb") as handle:
-            document = json.loads(handle.read(1 << 24))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return document if isinstance(document, dict) else None
-
-
 def _our_json(path: Path) -> dict | None:
-    document = _small_json(path)
+    """The JSON object in the regular file ``path`` if we wrote it (sealed, ``fileio.sealed_json``), else None.
+    Our JSON files are small: a larger file is not read, nor a link or anything but a regular file."""
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > JSON_BYTES_LIMIT:
+            return None
+        with open(path, "rb") as handle:
+            data = handle.read(JSON_BYTES_LIMIT + 1)
+    except OSError:
+        return None
+    document = sealed_json(data)
     return document if document is not None and str(document.get("tool", "")).startswith("dipnet-deploy") else None
 
 
 def _sha256(path: Path) -> str | None:
-    from dipnet_deploy.fileio import sha256_file
-
     try:
         return sha256_file(path)
     except OSError:
@@ -113,9 +126,9 @@ def _our_checkpoint(path: Path) -> bool:
     import torch
 
     try:
-        if not path.is_file() or path.stat().st_size > CHECKPOINT_BYTES_LIMIT:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > CHECKPOINT_BYTES_LIMIT:
             return False
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a foreign or damaged file: not ours
         return False
-    return isinstance(data, dict) and {"params", "iter", "config", "schedule"} <= data.keys()
+    return isinstance(data, dict) and isinstance(data.get(SEAL_KEY), str) and data[SEAL_KEY] == checkpoint_seal(data)

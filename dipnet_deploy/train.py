@@ -27,10 +27,10 @@ from dipnet_deploy.archs.dipnet_train_arch import build_train_model, fold_model
 from dipnet_deploy.checkpoint import check_finite, check_state_dict, load_file
 from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import atomic_path, ensure_parent
+from dipnet_deploy.fileio import ensure_parent, write_checkpoint
 from dipnet_deploy.imageio import list_images, silent, usable_images
 from dipnet_deploy.progress import Progress, no_progress, show
-from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
+from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign, same_file
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
 
 ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least one pixel
@@ -307,7 +307,8 @@ def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progres
     # --out may be --resume (a run continues its own checkpoint) but never one of the images it reads
     images = list_images(data_dir, silent) + (list_images(cfg.val, silent) if cfg.val is not None else [])
     refuse_collisions([("--out", out)], [("a --data/--val image", path) for path in images])
-    refuse_replacing_foreign([("checkpoint", out)])
+    if not (cfg.resume and same_file(out, cfg.resume)):  # continuing the file the user named twice
+        refuse_replacing_foreign([("checkpoint", out)])
     ensure_parent(out)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -329,8 +330,7 @@ def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progres
     start = run.iteration
 
     def save(wall: float) -> None:
-        with atomic_path(out) as temp:
-            torch.save(run.payload(config, {"data": data_dir, "out": out, **asdict(cfg)}, wall), temp)
+        write_checkpoint(out, run.payload(config, {"data": data_dir, "out": out, **asdict(cfg)}, wall))
 
     seconds, loss_value = fit(
         run, data, lambda net, lr, hr: LOSSES[cfg.loss](net(lr), hr), cfg, save,

@@ -34,7 +34,7 @@ import numpy as np
 
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.compare import inspect_model
-from dipnet_deploy.errors import InputError
+from dipnet_deploy.errors import InputError, WriteError
 from dipnet_deploy.fileio import atomic_path, refuse_unwritable, temp_beside, write_bytes_atomic
 from dipnet_deploy.imageio import IMAGE_SUFFIXES, not_a_file, read_rgb8, to_uint8_rgb, unreadable_folder
 from dipnet_deploy.progress import Progress, no_progress, ticks
@@ -209,7 +209,7 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
         result.written.append(job.target)
 
     def failed(error: InputError) -> None:
-        if len(jobs) == 1:  # the one input given: refused with its own line
+        if len(jobs) == 1 or isinstance(error, WriteError):  # the one input given, or no room for any output
             raise error
         failures.append(error)
         result.skipped.append(str(error))

@@ -18,6 +18,7 @@ import av
 import numpy as np
 
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import is_write_failure
 from dipnet_deploy.imageio import check_pixel_count
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
@@ -92,6 +93,8 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
                     raise InputError(source, "has no video frames")
                 writer.mux(encoder.encode(None))
     except av.FFmpegError as error:
+        if is_write_failure(error):  # no room for the output: atomic_path names it, and the run ends
+            raise
         raise InputError(source, f"not a readable video, or cannot be encoded with {codec} ({error})") from None
     return frames
 

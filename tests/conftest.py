@@ -74,6 +74,15 @@ def reference_score(sr: np.ndarray, hr: np.ndarray, crop: int) -> dict[str, floa
     }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_leftovers_journal(tmp_path_factory):
+    """Every run of the test session (in-process and the commands it starts) keeps its leftovers journal in a
+    folder of its own, never the user's ``~/.local/state``."""
+    os.environ["DIPNET_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    os.environ.pop("DIPNET_STATE_DIR", None)
+
+
 @pytest.fixture
 def official_x4() -> Path:
     return need(OFFICIAL_X4)

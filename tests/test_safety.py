@@ -165,20 +165,33 @@ def test_failed_report_leaves_the_folder_as_it_was(state, work, invoke, monkeypa
         assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
 
 
+KILLED_MID_REPORT = """
+import os, signal, sys
+import dipnet_deploy.report as report
+report._heatmap = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+from dipnet_deploy.cli import run
+sys.argv = ["dipnet-deploy", *sys.argv[1:]]
+run()
+"""
+
+
 def test_staging_folder_of_a_killed_run_is_not_foreign(work, invoke):
-    """A run killed (SIGKILL) mid-report leaves only its hidden staging folder: the next run takes the folder
-    and removes that leftover; a folder by that name holding anything else is the user's and is refused."""
+    """A run killed (SIGKILL) mid-report leaves its hidden staging folder: the next run removes that leftover
+    (it is in the leftovers journal) and takes the folder; a folder merely named like one is the user's."""
+    import subprocess
+    import sys
+
     report = work / "report"
-    orphan = report / ".dipnet-report-k1ll3d"
-    orphan.mkdir(parents=True)
-    (orphan / "psnr_per_image.png").write_bytes(b"half a figure")
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_REPORT, *compare_args(work, report)], capture_output=True)
+    assert killed.returncode == -9
+    assert [p.name[:15] for p in report.iterdir()] == [".dipnet-report-"]
     code, _, err = invoke(*compare_args(work, report))
     assert code == 0, err
     assert sorted(p.name for p in report.iterdir()) == sorted(REPORT_FILES)
 
     mine = work / "other" / ".dipnet-report-notes"
     mine.mkdir(parents=True)
-    (mine / "todo.txt").write_text("not a report file")
+    (mine / "psnr_per_image.png").write_text("named like a report file, but mine")
     before = snapshot(work)
     refused(invoke(*compare_args(work, work / "other")), str(work / "other"), before, work)
 

@@ -1,0 +1,332 @@
+"""Hostile files and faults around what the tool writes: ownership that cannot be forged, full disks,
+SIGTERM and SIGKILL, names that are not UTF-8.
+
+Every refusal: exit 2, one stderr line naming the file, no traceback, nothing of the user's touched.
+"""
+
+# ruff: noqa: F811  (the shared fixtures imported from test_safety are, by pytest's design, test parameters too)
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dipnet_deploy import leftovers
+from dipnet_deploy.fileio import checkpoint_seal, json_bytes, sealed_json, sha256_file
+from dipnet_deploy.report import REPORT_FILES
+from dipnet_deploy.safety import written_by_us
+
+from .test_safety import compare_args, models, refused, snapshot, work, write_images  # noqa: F401 (fixtures)
+
+# --------------------------------------------------------------------------- ownership: seals, not names
+
+
+def test_json_seal_round_trips_and_any_change_breaks_it():
+    data = json_bytes({"tool": "dipnet-deploy 1", "x": [1.5, None, "é"], "nested": {"a": 1e-30}})
+    assert sealed_json(data)["x"] == [1.5, None, "é"]
+    assert sealed_json(data.replace(b"1.5", b"2.5")) is None  # content changed, seal kept
+    assert sealed_json(data.replace(b"\n  ", b"\n   ", 1)) is None  # same content, another layout
+    assert sealed_json(b'{"tool": "dipnet-deploy 1", "seal": "sha256:00"}') is None
+    assert sealed_json(b"[" * 100_000) is None  # deep nesting: not ours, no RecursionError
+
+
+def test_checkpoint_seal_covers_every_weight():
+    payload = {"params": {"w": torch.ones(3)}, "iter": 5, "config": {"upscale": 2}}
+    seal = checkpoint_seal(payload)
+    assert checkpoint_seal({**payload, "iter": 6}) != seal
+    assert checkpoint_seal({**payload, "params": {"w": torch.tensor([1.0, 1.0, 1.0 + 2**-20])}}) != seal
+    assert checkpoint_seal({**payload, "params": {"v": torch.ones(3)}}) != seal
+    assert checkpoint_seal({**payload, "params": {"w": torch.ones(3, dtype=torch.float64)}}) != seal
+
+
+def test_forged_metrics_json_does_not_make_a_folder_ours(work, invoke):
+    """The audit's data loss: the user's index.html beside a one-field metrics.json was replaced."""
+    folder = work / "mine"
+    folder.mkdir()
+    (folder / "index.html").write_text("<p>my own page</p>")
+    (folder / "metrics.json").write_text(json.dumps({"schema": "dipnet-deploy-metrics/1"}))
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, folder)), str(folder), before, work)
+
+
+def test_our_metrics_json_copied_beside_a_users_page_does_not_replace_it(work, invoke):
+    report = work / "report"
+    assert invoke(*compare_args(work, report))[0] == 0
+    folder = work / "mine"
+    folder.mkdir()
+    shutil.copy(report / "metrics.json", folder / "metrics.json")  # a complete, sealed document of ours
+    (folder / "index.html").write_text("<p>my own page</p>")
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, folder)), "index.html", before, work)
+
+
+def test_a_report_file_edited_by_the_user_is_not_replaced(work, invoke):
+    report = work / "report"
+    assert invoke(*compare_args(work, report))[0] == 0
+    with open(report / "report.md", "a") as handle:
+        handle.write("\nmy notes on this run\n")
+    before = snapshot(work)
+    refused(invoke(*compare_args(work, report)), "report.md", before, work)
+    (report / "report.md").unlink()  # a deleted report file is simply made again
+    assert invoke(*compare_args(work, report))[0] == 0
+    recorded = json.loads((report / "metrics.json").read_text())["files"]
+    assert recorded == {name: sha256_file(report / name) for name in REPORT_FILES[:-1]}
+
+
+def test_diagnosis_chart_is_no_file_of_the_report(work, invoke, monkeypatch):
+    """The diagnosis chart was written into the staging folder under a name outside REPORT_FILES."""
+    made = []
+    real = Path.write_bytes
+
+    def watched(self, data):
+        made.append(self.name)
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", watched)
+    code, _, err = invoke(*compare_args(work, work / "report"), "--diagnose")
+    assert code == 0, err
+    assert set(made) <= set(REPORT_FILES) and "diagnosis.png" not in os.listdir(work / "report")
+    assert "data:image/png;base64," in (work / "report" / "index.html").read_text().split("Diagnosis", 1)[1]
+
+
+def _forged_card(work: Path) -> None:
+    card = {"tool": "dipnet-deploy 0.1.0", "stage": "fp32-onnx", "onnx": str(work / "m.onnx"),
+            "onnx_sha256": sha256_file(work / "m.onnx")}
+    (work / "m.json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def test_forged_card_does_not_make_a_model_ours(work, invoke):
+    _forged_card(work)  # a card naming the user's ONNX by its sha256, but not sealed
+    assert not written_by_us(work / "m.onnx") and not written_by_us(work / "m.json")
+    before = snapshot(work)
+    refused(invoke("export", "--checkpoint", work / "w.pth", "--height", "40", "--width", "40", "-o", work / "m.onnx"),
+            "m.", before, work)
+
+
+def test_our_own_outputs_are_still_replaced(work, invoke):
+    assert written_by_us(work / "m.onnx") and written_by_us(work / "m.int8.onnx") and written_by_us(work / "m.ranges.json")
+    code, _, err = invoke("quantize", "--model", work / "m.onnx", "--calib", work / "calib", "--no-equalize")
+    assert code == 0, err
+
+
+def test_checkpoint_with_the_four_keys_is_not_ours(work, invoke):
+    """Any dict with params/iter/config/schedule used to count as a train checkpoint of ours."""
+    out = work / "t.pth"
+    torch.save({"params": {}, "iter": 0, "config": {}, "schedule": {}, "mine": "keep"}, out)
+    assert not written_by_us(out)
+    before = snapshot(work)
+    refused(invoke("train", "--data", work / "hr", "--iters", "1", "--batch", "1", "--patch", "16", "--expansion", "8",
+                   "--out", out), "t.pth", before, work)
+    code, _, err = invoke("train", "--data", work / "hr", "--iters", "1", "--batch", "1", "--patch", "16",
+                          "--expansion", "8", "--out", work / "ours.pth")
+    assert code == 0, err
+    assert written_by_us(work / "ours.pth")  # sealed: the next run may replace it
+    data = torch.load(work / "ours.pth", weights_only=True)
+    data["params"]["conv_1.weight"].add_(1e-3)  # the same file with other weights: no longer what we wrote
+    torch.save(data, work / "edited.pth")
+    assert not written_by_us(work / "edited.pth")
+
+
+# --------------------------------------------------------------------------- full disk
+
+
+def _run(args: list, limit_bytes: int | None = None, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """The CLI in a child process; ``limit_bytes`` caps the size of any file it writes (RLIMIT_FSIZE: the kernel
+    fails the write with EFBIG, a full disk without privileges)."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the writer instead of failing the write
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, "-m", "dipnet_deploy", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit, env={**os.environ, **(env or {})}, **kwargs)
+
+
+def _one_line_refusal(done: subprocess.CompletedProcess, words: str) -> None:
+    lines = [line for line in done.stderr.strip().splitlines() if "%|" not in line and line.strip()]
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1 and lines[0].startswith("dipnet-deploy: error: ") and words in lines[0], done.stderr
+
+
+def _no_temporaries(folder: Path) -> None:
+    assert not [p for p in folder.rglob(".*") if p.name.endswith(".tmp") or p.name.startswith(".dipnet-report-")]
+
+
+def _commands(work: Path, out: Path) -> dict[str, list]:
+    return {
+        "export": ["export", "--checkpoint", work / "w.pth", "--height", "40", "--width", "40", "-o", out / "e.onnx"],
+        "quantize": ["quantize", "--model", work / "m.onnx", "--calib", work / "calib", "-o", out / "q.int8.onnx",
+                     "--ranges", out / "q.ranges.json"],
+        "compare": [*compare_args(work, out / "report")],
+        "upscale": ["upscale", work / "hr", "--model", work / "m.int8.onnx", "-o", out / "up"],
+        "upscale a video": ["upscale", _clip(work / "clip.mp4", 60), "--model", work / "m.int8.onnx", "-o", out / "up"],
+    }
+
+
+def _clip(path: Path, frames: int) -> Path:
+    from dipnet_deploy.video import write_clip
+
+    from .test_upscale import FPS, smooth_image
+
+    if not path.exists():
+        write_clip(path, [smooth_image(48, 64, seed) for seed in range(frames)], FPS)
+    return path
+
+
+@pytest.mark.parametrize("command", ["export", "quantize", "compare", "upscale", "upscale a video"])
+def test_full_disk_is_one_line(command, work, tmp_path_factory):
+    out, scratch = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("scratch")
+    args = _commands(work, out)[command]
+    before = snapshot(work)
+    done = _run(args, limit_bytes=4096, env={"TMPDIR": str(scratch)})
+    _one_line_refusal(done, "cannot write")
+    assert snapshot(work) == before
+    assert not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+@pytest.mark.parametrize("command", ["export", "quantize", "compare", "upscale", "upscale a video"])
+def test_full_tmpfs_is_one_line(command, work, tmp_path):
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("this machine does not let root mount a tmpfs")
+    try:
+        (out / "filler").write_bytes(b"\0" * (196 << 10))  # what is left (4 KiB) holds no output
+        done = _run(_commands(work, out)[command])
+        _one_line_refusal(done, "No space left on device")
+        assert sorted(p.name for p in out.rglob("*")) == ["filler"]
+    finally:
+        subprocess.run(["umount", str(out)], capture_output=True)
+
+
+# --------------------------------------------------------------------------- SIGTERM and SIGKILL
+
+
+# the CLI, with calibration stalled while its scratch folder exists (as on a very large graph), so that a
+# signal lands there every time
+STALLED_CLI = """
+import sys, time
+import onnxruntime as ort
+real = ort.InferenceSession
+def stalled(*args, **kwargs):
+    if len(args) > 1 and getattr(args[1], "optimized_model_filepath", ""):
+        print("stalled", flush=True)
+        time.sleep(300)
+    return real(*args, **kwargs)
+ort.InferenceSession = stalled
+from dipnet_deploy.cli import run
+sys.argv = ["dipnet-deploy", *sys.argv[1:]]
+run()
+"""
+
+
+def _stalled_quantize(work: Path, tmp: Path, env: dict) -> subprocess.Popen:
+    args = ["quantize", "--model", work / "m.onnx", "--calib", work / "calib", "-o", tmp / "out" / "s.int8.onnx"]
+    process = subprocess.Popen([sys.executable, "-c", STALLED_CLI, *map(str, args)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    assert process.stdout.readline().strip() == "stalled"
+    return process
+
+
+def _start(args: list, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dipnet_deploy", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+
+def _wait_for(condition, within: float = 120.0) -> None:
+    end = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < end, "the run never reached the point to signal"
+        time.sleep(0.05)
+
+
+def test_sigterm_cleans_up_like_ctrl_c(work, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    process = _stalled_quantize(work, tmp_path, {"TMPDIR": str(scratch)})
+    assert any(scratch.glob("dipnet-calib-*"))
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "dipnet-deploy: terminated"
+    assert not list(scratch.glob("dipnet-*"))  # the scratch folder went with it
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_sigterm_during_a_video_leaves_no_temporary(tmp_path, work):
+    clip = _clip(tmp_path / "clip.mp4", 400)
+    out = tmp_path / "up"
+    process = _start(["upscale", clip, "--model", work / "m.int8.onnx", "-o", out], {})
+    _wait_for(lambda: out.exists() and any(p.name.endswith(".tmp") for p in out.iterdir()))
+    time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "Traceback" not in err
+    assert not out.exists() or not list(out.iterdir())
+
+
+def test_next_run_removes_what_a_killed_run_left_and_only_that(work, tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch)}
+    process = _stalled_quantize(work, tmp_path, env)
+    process.kill()  # SIGKILL: no clean-up runs
+    process.communicate(timeout=60)
+    left = list(scratch.glob("dipnet-calib-*"))
+    assert left
+    decoy = scratch / "dipnet-calib-decoy"  # our name, not our folder: never removed
+    decoy.mkdir()
+    (decoy / "optimized.onnx").write_text("the user's")
+    user_temp = work / ".m.onnx.abc123.tmp"
+    user_temp.write_text("the user's, named like a temporary of ours")
+    done = _run(["info", work / "m.onnx"], env=env)
+    assert done.returncode == 0, done.stderr
+    assert not any(path.exists() for path in left)
+    assert decoy.exists() and user_temp.exists()
+
+
+def test_a_live_runs_temporaries_are_never_swept(tmp_path):
+    """A concurrent run (alive) keeps its files; a record whose process is gone is settled."""
+    state = Path(os.environ["DIPNET_STATE_DIR"])
+    live = tmp_path / ".out.live.tmp"
+    child = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from dipnet_deploy import "
+                            "leftovers; p = Path(sys.argv[1]); p.write_text('x'); leftovers.record(p)",
+                            str(tmp_path / ".out.dead.tmp")], env=os.environ)
+    assert child.returncode == 0
+    live.write_text("being written")
+    leftovers.record(live)  # this process: alive
+    try:
+        leftovers.sweep()
+        assert live.exists() and not (tmp_path / ".out.dead.tmp").exists()
+        assert len([p for p in state.iterdir() if p.name.startswith(f"{os.getpid()}-")]) >= 1
+    finally:
+        leftovers.forget(live)
+
+
+# --------------------------------------------------------------------------- names that are not UTF-8
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS file systems refuse names that are not UTF-8")
+def test_report_on_an_image_whose_name_is_not_utf8(work, invoke):
+    source = work / "hr" / "img0.png"
+    odd = os.path.join(os.fsencode(work / "hr"), b"caf\xe9-\xff.png")
+    os.rename(source, odd)
+    code, out, err = invoke(*compare_args(work, work / "report"), "--json")
+    assert code == 0, err
+    assert "Traceback" not in err
+    json.loads(out.strip().splitlines()[-1])
+    page = (work / "report" / "index.html").read_text(encoding="utf-8")
+    assert "caf\ufffd-\ufffd.png" in page
