@@ -284,6 +284,11 @@ def test_compare_report_values_are_recomputed(protocol, trained_pair, photo_dir,
         a, b = (want["images"][name].astype(np.float64) for name in ("int8", "fp32"))
         assert row["int8_vs_fp32"]["max_abs_diff"] == pytest.approx(np.abs(a - b).max(), abs=1.01 if protocol == "sr" else 1e-3)
     print(protocol, "largest |report - hand computation|:", worst)
+    drops = {row["image"]: want["fp32"]["psnr_y"] - want["int8"]["psnr_y"] for row, want in zip(metrics["images"], want_rows)}
+    worst_image = max(drops, key=drops.get)  # the tail beside the mean, from the hand computation
+    assert headline["worst_image"] == metrics["drop_psnr_y"]["worst_image"] == worst_image
+    assert headline["drop_psnr_y_worst"] == pytest.approx(drops[worst_image], abs=2 * TOLERANCES[protocol]["psnr"] + 1e-4)
+    assert metrics["drop_psnr_y"]["mean"] == pytest.approx(np.mean(list(drops.values())), abs=2 * TOLERANCES[protocol]["psnr"])
     for key in METRICS:
         for name in ("fp32", "int8", "bicubic"):
             assert metrics["mean"][key][name] == pytest.approx(np.mean([w[name][key] for w in want_rows]),
