@@ -164,22 +164,15 @@ def weights_entry(weights: dict[str, np.ndarray]) -> dict | None:
 
 
 def weights_from_entry(entry: dict) -> dict[str, np.ndarray]:
-    """The arrays ``weights_entry`` wrote (conv weights as level x scale, float32). Raises ValueError
-    on anything malformed: shapes, sizes, levels outside [-127, 127], non-finite or non-positive scales."""
+    """The arrays ``weights_entry`` wrote (conv weights as level x scale, float32), from an entry that
+    ``ranges_schema`` checked against the model (shapes, sizes, levels, finite bounded scales)."""
     weights = {}
     for name, item in entry.items():
-        shape = tuple(int(n) for n in item["shape"])
+        shape = tuple(item["shape"])
         if "levels_int8_base64" in item:
-            levels = np.frombuffer(base64.b64decode(item["levels_int8_base64"], validate=True), np.int8)
-            scales = np.asarray(item["scales"], np.float32)
-            if len(shape) != 4 or levels.size != math.prod(shape) or scales.shape != (shape[0],):
-                raise ValueError(f"{name}: sizes do not fit the shape {list(shape)}")
-            if np.abs(levels.astype(np.int16)).max() > WEIGHT_QMAX or not np.all(np.isfinite(scales) & (scales > 0)):
-                raise ValueError(f"{name}: levels beyond +-{WEIGHT_QMAX} or scales not positive")
-            weights[name] = (levels.reshape(shape).astype(np.float32) * scales.reshape(-1, 1, 1, 1)).astype(np.float32)
+            levels = np.frombuffer(base64.b64decode(item["levels_int8_base64"]), np.int8).reshape(shape)
+            scales = np.asarray(item["scales"], np.float32).reshape(-1, 1, 1, 1)
+            weights[name] = (levels.astype(np.float32) * scales).astype(np.float32)
         else:
-            values = np.asarray(item["values"], np.float32)
-            if values.shape != shape or not np.all(np.isfinite(values)):
-                raise ValueError(f"{name}: values do not fit the shape {list(shape)} or are not finite")
-            weights[name] = values
+            weights[name] = np.asarray(item["values"], np.float32)
     return weights

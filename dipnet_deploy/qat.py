@@ -294,15 +294,6 @@ def attach_learned_ranges(model: onnx.ModelProto, learned: dict[str, tuple[float
     return covered
 
 
-def read_attached_ranges(model: onnx.ModelProto) -> dict[str, tuple[float, float]] | None:
-    """The point ranges ``attach_learned_ranges`` stored, or None when the model carries none."""
-    for entry in model.metadata_props:
-        if entry.key == LEARNED_RANGES_KEY:
-            points = json.loads(entry.value)["points"]
-            return {name: (float(low), float(high)) for name, (low, high) in points.items()}
-    return None
-
-
 def model_from_onnx(fp32: onnx.ModelProto) -> DIPNet:
     """The deploy-form DIPNet whose weights an ``export``ed ONNX holds (initializers keep the keys)."""
     from dipnet_deploy.checkpoint import infer_config

@@ -6,11 +6,9 @@ our ranges, handed over through its calibration cache; it does not calibrate aga
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import resource
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,23 +21,27 @@ from onnx import numpy_helper
 from dipnet_deploy import __version__
 from dipnet_deploy.artifacts import TOOL, card_header, card_path_for, default_int8_path, default_ranges_path
 from dipnet_deploy.calibrate import calibrate
-from dipnet_deploy.equalize import MAX_SCALE, channel_spaces, equalize_with
+from dipnet_deploy.equalize import MAX_SCALE, equalize_with
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
+from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, scratch_dir, sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, silent, usable_images, vendor_preprocess
 from dipnet_deploy.model_stats import onnx_summary
-from dipnet_deploy.observers import OBSERVERS, make_observer
+from dipnet_deploy.observers import make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry, weights_from_entry
-from dipnet_deploy.qat import model_from_onnx, read_attached_ranges, simulation_agreement, tensor_ranges
-from dipnet_deploy.range_graphs import float_tensors
+from dipnet_deploy.qat import model_from_onnx, simulation_agreement, tensor_ranges
+from dipnet_deploy.ranges_schema import (
+    AUTO,
+    LEARNED,
+    METHODS,
+    RANGES_FORMAT,
+    check_ranges_document,
+    learned_points,
+    read_ranges,
+)
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 
-RANGES_FORMAT = "dipnet-deploy-ranges/1"
-LEARNED = "learned"  # --method: the ranges `finetune` learned, carried in the fp32 ONNX
-AUTO = "auto"  # --method: max + equalization, refined for the model's output (ptq.py)
-METHODS = (*OBSERVERS, AUTO, LEARNED)
 MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
 
 
@@ -172,7 +174,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
         "tensors_of": "the model with `equalization` applied" if options.equalize else "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in calibration.ranges.items()},
     } | ({"adapted_weights": adapted} if adapted else {})
-    check_ranges_document(document, calib_dir, float_tensors(model))
+    check_ranges_document(document, calib_dir, model)
     return document
 
 
@@ -183,7 +185,7 @@ def learned_ranges_document(model_path: Path, options: QuantizeOptions) -> dict:
     (``qat`` names), with the weight and activation types the ranges were learned for.
     """
     model, shape = check_fp32_model(model_path)
-    learned = read_attached_ranges(model)
+    learned = learned_points(model, model_path)
     if learned is None:
         raise InputError(model_path, "carries no learned ranges (export a checkpoint written by "
                                      "`dipnet-deploy finetune`, or choose another --method)")
@@ -191,10 +193,7 @@ def learned_ranges_document(model_path: Path, options: QuantizeOptions) -> dict:
         raise InputError("--method learned", "the ranges were learned for per-channel int8 weights and uint8 "
                                              "activations of the model as exported: drop --per-tensor, "
                                              "--symmetric-activations and --equalize")
-    try:
-        tensors = tensor_ranges(model.graph, learned)
-    except KeyError as error:
-        raise InputError(model_path, f"its learned ranges do not fit its graph ({error.args[0]})") from None
+    tensors = tensor_ranges(model.graph, learned)  # learned_points checked that the points are the graph's
     points = {"points": {name: list(bounds) for name, bounds in sorted(learned.items())}}
     document = ranges_header(model_path, shape, LEARNED, points) | {
         "preprocessing": None,
@@ -204,7 +203,7 @@ def learned_ranges_document(model_path: Path, options: QuantizeOptions) -> dict:
         "tensors_of": "the model",
         "tensors": {name: {"min": low, "max": high} for name, (low, high) in tensors.items()},
     }
-    check_ranges_document(document, model_path, float_tensors(model))
+    check_ranges_document(document, model_path, model)
     return document
 
 
@@ -214,115 +213,51 @@ def agreement_image(shape: list[int]) -> tuple[Path, np.ndarray]:
     return path, vendor_preprocess(read_rgb8(path)[0], shape[2], shape[3])
 
 
-def read_ranges(path: Path, model_path: Path) -> dict:
-    """Load a saved ranges JSON and check it belongs to ``model_path``."""
-    if not path.is_file():
-        raise InputError(path, "no such ranges file")
-    try:
-        document = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(path, f"not a ranges JSON ({error})") from None
-    if not isinstance(document, dict) or document.get("format") != RANGES_FORMAT or "tensors" not in document:
-        raise InputError(path, f"not a dipnet-deploy ranges file (format {RANGES_FORMAT})")
-    if document.get("model_sha256") != sha256_file(model_path):
-        raise InputError(path, f"ranges were computed for another model ({document.get('model')}), not {model_path}")
-    check_ranges_document(document, path, float_tensors(onnx.load(str(model_path))))
-    return document
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_ranges_document(document: dict, path: Path, needed: list[str]) -> None:
-    """Refuse a ranges document the quantizer cannot use as it is: the first problem, in one line.
-
-    ``needed`` are the tensors the quantizer reads ranges for (``float_tensors`` of the model; the
-    first is the image input). Every range must be finite with min <= max, and the input's must
-    have width: the quantizer would otherwise divide by a zero or non-finite scale.
-    """
-    for key, kind, json_name in (("method", str, "a string"), ("parameters", dict, "an object"),
-                                 ("calibration_files", list, "an array"), ("tensors", dict, "an object")):
-        if not isinstance(document.get(key), kind):
-            raise InputError(path, f"field {key!r} is missing or not {json_name}")
-    tensors = document["tensors"]
-    missing = [name for name in needed if name not in tensors]
-    if missing:
-        raise InputError(path, f"no range for tensor {missing[0]!r} ({len(missing)} of {len(needed)} missing)")
-    for name in needed:
-        entry = tensors[name]
-        low, high = (entry.get("min"), entry.get("max")) if isinstance(entry, dict) else (None, None)
-        if not (_is_number(low) and _is_number(high)):
-            raise InputError(path, f"tensor {name!r}: min and max must be numbers (got {entry!r:.80})")
-        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-            raise InputError(path, f"tensor {name!r}: range [{low}, {high}] is not finite with min <= max")
-    low, high = tensors[needed[0]]["min"], tensors[needed[0]]["max"]
-    if low == high:
-        raise InputError(path, f"the input range is [{low}, {high}]: calibrated on flat images only")
-
-
-def model_to_quantize(model_path: Path, document: dict, document_path: Path) -> onnx.ModelProto:
+def model_to_quantize(model_path: Path, document: dict) -> onnx.ModelProto:
     """The fp32 model the ranges describe: ``model_path`` with the document's equalization applied, then
-    the weights ``--method auto`` adapted (``adapted_weights``), the values the int8 model is written from."""
+    the weights ``--method auto`` adapted (``adapted_weights``), the values the int8 model is written from.
+    ``document`` has passed ``ranges_schema.check_ranges_document`` for this model."""
     model = onnx.load(str(model_path))
     equalization = document.get("equalization")
     if equalization:
-        model = _equalized(model, equalization, document_path)
+        model = equalize_with(model, {key: np.asarray(scales, np.float32) for key, scales in equalization["scales"].items()})
     if document.get("adapted_weights") is not None:
-        model = _with_adapted_weights(model, document["adapted_weights"], document_path)
+        model = _with_adapted_weights(model, document["adapted_weights"])
     return model
 
 
-def _equalized(model: onnx.ModelProto, equalization, document_path: Path) -> onnx.ModelProto:
-    spaces = channel_spaces(model)
-    saved = equalization.get("scales") if isinstance(equalization, dict) else None
-    saved = saved if isinstance(saved, dict) else {}
-    channels = {space.key: space.channels for space in spaces}
-    try:
-        scales = {key: np.asarray(values, np.float32) for key, values in saved.items()}
-    except (TypeError, ValueError):
-        scales = {}
-    if sorted(scales) != sorted(channels) or any(
-            scales[key].shape != (count,) or not np.all(np.isfinite(scales[key]) & (scales[key] > 0))
-            for key, count in channels.items()):
-        raise InputError(document_path, "its equalization scales do not fit this model's channel spaces")
-    return equalize_with(model, scales)
-
-
-def _with_adapted_weights(model: onnx.ModelProto, entry, document_path: Path) -> onnx.ModelProto:
+def _with_adapted_weights(model: onnx.ModelProto, entry: dict) -> onnx.ModelProto:
     initializers = {init.name: init for init in model.graph.initializer}
-    try:
-        weights = weights_from_entry(entry)
-        for name, array in weights.items():
-            if name not in initializers or tuple(initializers[name].dims) != array.shape:
-                raise ValueError(f"{name}: not a tensor of this model with shape {list(array.shape)}")
-    except (ValueError, TypeError, KeyError, AttributeError) as error:  # a hand-edited or foreign document
-        raise InputError(document_path, f"its adapted weights do not fit this model ({error})") from None
-    for name, array in weights.items():
+    for name, array in weights_from_entry(entry).items():
         initializers[name].CopyFrom(numpy_helper.from_array(array, name))
     return model
 
 
-def write_int8(model_path: Path, document: dict, ranges_path: Path, output: Path, options: QuantizeOptions) -> None:
+def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> None:
     """Quantize with onnxruntime's QDQ quantizer from the given ranges into ``output`` (a temporary name)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
     tensors = {name: (np.float32(r["min"]), np.float32(r["max"])) for name, r in document["tensors"].items()}
     ranges = TensorsData(CalibrationMethod.MinMax, tensors)
-    with tempfile.TemporaryDirectory(prefix="dipnet-quant-") as scratch:
+    with scratch_dir("dipnet-quant-") as scratch:
         cache, fp32 = Path(scratch) / "ranges.json", Path(scratch) / "fp32.onnx"
         save_tensors_data(ranges, cache)
-        onnx.save(model_to_quantize(model_path, document, ranges_path), str(fp32))
-        logging.getLogger().setLevel(logging.ERROR)  # silence the "consider pre-processing" advice
-        quantize_static(
-            str(fp32), str(output), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-            per_channel=options.per_channel, reduce_range=False,
-            activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
-            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-            calibration_cache_path=str(cache),
-            extra_options={"ActivationSymmetric": options.symmetric_activations, "WeightSymmetric": True},
-        )
+        onnx.save(model_to_quantize(model_path, document), str(fp32))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # silence the "consider pre-processing" advice, for this call only
+        try:
+            quantize_static(
+                str(fp32), str(output), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
+                per_channel=options.per_channel, reduce_range=False,
+                activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                calibration_cache_path=str(cache),
+                extra_options={"ActivationSymmetric": options.symmetric_activations, "WeightSymmetric": True},
+            )
+        finally:
+            root.setLevel(level)
     int8 = depth_to_space_on_uint8(onnx.load(str(output)))
     int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
     output.write_bytes(int8.SerializeToString())
@@ -461,7 +396,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         int8_temp, card_temp = temps[:2]
         if new_ranges:
             temps[2].write_bytes(json_bytes(document))
-        write_int8(model_path, document, ranges_path, int8_temp, options)
+        write_int8(model_path, document, int8_temp, options)
         int8 = onnx.load(str(int8_temp))
         summary = onnx_summary(int8)
         card = card_header("int8-onnx", output) | {
@@ -487,8 +422,8 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         if document["method"] == LEARNED:
             fp32 = onnx.load(str(model_path))
             image_path, image = agreement_image(document["input_shape"])
-            card["simulation_agreement"] = {"image": str(image_path), **simulation_agreement(
-                fp32, int8_temp, read_attached_ranges(fp32), image)}
+            learned = {name: (float(low), float(high)) for name, (low, high) in document["parameters"]["points"].items()}
+            card["simulation_agreement"] = {"image": str(image_path), **simulation_agreement(fp32, int8_temp, learned, image)}
         card_temp.write_bytes(json_bytes(card))
     summary_line = {
         "model": str(model_path), "int8": str(output), "ranges": str(ranges_path), "card": str(card_path),
