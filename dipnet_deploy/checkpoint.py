@@ -3,14 +3,23 @@
 Accepts raw state dicts, BasicSR checkpoints (``params_ema`` preferred over ``params``),
 ``module.`` prefixes, deploy or training form. The variant is inferred from keys and shapes;
 a preset and explicit overrides take precedence, and the file must then fit them exactly.
+
+Size limits: a checkpoint is PyTorch's zip archive (since PyTorch 1.6; the older pickle format is
+refused), and ``torch.load`` reads it only when its zip directory, its records (as unpacked) and its
+pickle declare at most ``MAX_DIRECTORY_BYTES``, ``MAX_CHECKPOINT_BYTES`` and ``MAX_PICKLE_BYTES``;
+the weights it holds may then take at most ``MAX_CHECKPOINT_BYTES`` (views of one storage count
+as often as they occur). Weights are dense real floating-point tensors.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -21,6 +30,14 @@ from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
 
 BASICSR_KEYS = ("params_ema", "params", "state_dict", "model")
+
+# The largest checkpoint written (`train` of x4-ntire: training form, EMA copy and Adam state) is 6 MiB,
+# its pickle 28 KiB and zip directory 16 KiB (221 records): each limit is 40 times or more that.
+MAX_CHECKPOINT_BYTES = 256 << 20
+MAX_PICKLE_BYTES = 4 << 20  # a pickle builds objects dozens of times its size: kept to a few MiB
+MAX_DIRECTORY_BYTES = 1 << 20  # zipfile builds an object of some 400 bytes per 46-byte directory entry
+ZIP_MAGIC = b"PK\x03\x04"
+LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickle of torch's magic number
 
 
 @dataclass
@@ -36,20 +53,68 @@ class LoadedCheckpoint:
 
 
 def load_file(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` of a checkpoint file, with one-line errors for bad files."""
+    """``torch.load(weights_only=True)`` of a checkpoint file within the size limits (``check_archive``),
+    with one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such checkpoint file")
     try:
+        check_archive(path)
         data = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:
         raise InputError(path, f"cannot be read ({error.strerror or error})") from None
+    except InputError:
+        raise
     except Exception as error:  # torch.load raises many types on foreign or damaged files
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(path, f"not a PyTorch checkpoint ({first_line[:160]})") from None
     if not isinstance(data, dict):
         raise InputError(path, f"not a state dict (holds a {type(data).__name__})")
     return data
+
+
+def check_archive(path: Path) -> None:
+    """Refuse, from the zip archive's declarations alone, a file ``torch.load`` must not unpack: not a zip
+    (the legacy format is named), a directory, records or pickle over the module's limits."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(LEGACY_MAGIC))
+        if not head.startswith(ZIP_MAGIC):
+            raise InputError(path, "saved in PyTorch's legacy format (before 1.6), which is not read: load it and "
+                                   "save it again with a current PyTorch" if head == LEGACY_MAGIC else
+                                   "not a PyTorch checkpoint (not a zip archive)")
+        directory = _zip_directory_bytes(handle)
+    if directory is None:
+        raise InputError(path, "not a PyTorch checkpoint (a damaged zip archive: no end record)")
+    if directory > MAX_DIRECTORY_BYTES:
+        raise InputError(path, f"its zip directory takes {directory / 2**20:,.1f} MiB, more than a DIPNet checkpoint "
+                               f"needs (at most {MAX_DIRECTORY_BYTES >> 20} MiB)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as error:
+        raise InputError(path, f"not a PyTorch checkpoint (a damaged zip archive: {error})") from None
+    unpacked = sum(record.file_size for record in records)
+    pickle = sum(record.file_size for record in records if record.filename.endswith("data.pkl"))
+    for size, limit, what in ((unpacked, MAX_CHECKPOINT_BYTES, "its records unpack to"),
+                              (pickle, MAX_PICKLE_BYTES, "its pickle takes")):
+        if size > limit:
+            raise InputError(path, f"{what} {size / 2**20:,.1f} MiB, more than a DIPNet checkpoint needs "
+                                   f"(at most {limit >> 20} MiB)")
+
+
+def _zip_directory_bytes(handle: BinaryIO) -> int | None:
+    """The size of the central directory a zip's end record declares (its zip64 form where present), read
+    as ``zipfile`` finds it: the last end signature within 64 KiB of comment; None without one."""
+    size = handle.seek(0, 2)
+    handle.seek(max(0, size - 22 - 0xFFFF))
+    tail = handle.read()
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) - at < 22:
+        return None
+    zip64 = tail[at - 76:at - 20] if at >= 76 and tail[at - 20:at - 16] == b"PK\x06\x07" else b""
+    if zip64.startswith(b"PK\x06\x06"):  # zip64 end record, right before its locator: 8-byte fields
+        return struct.unpack_from("<Q", zip64, 40)[0]
+    return struct.unpack_from("<L", tail, at + 12)[0]
 
 
 def read_learned_ranges(path: Path, data: dict, source: str) -> dict[str, tuple[float, float]] | None:
@@ -88,6 +153,10 @@ def read_state_dict(path: str | Path, data: dict | None = None) -> tuple[dict[st
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise InputError(path, "holds no tensors (not a DIPNet state dict)")
+    size = sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
+    if size > MAX_CHECKPOINT_BYTES:  # views of one small storage can declare any size; a model is built from them
+        raise InputError(path, f"its tensors declare {size / 2**20:,.0f} MiB, more than a DIPNet checkpoint holds "
+                               f"(at most {MAX_CHECKPOINT_BYTES >> 20} MiB)")
     stripped = {re.sub(r"^(module\.)+", "", k): v for k, v in tensors.items()}
     return stripped, source
 
@@ -140,12 +209,18 @@ def infer_config(state_dict: dict[str, torch.Tensor], path: Path = Path("<state 
 
 
 def check_state_dict(path: Path, state_dict: dict, expected: dict) -> None:
-    """Refuse the first missing, unexpected or mismatched key, naming both shapes."""
+    """Refuse the first missing, unexpected or mismatched key, naming both shapes, and weights that are not
+    dense real floating point (integers would be cast, complex numbers lose their imaginary parts)."""
     for key, tensor in expected.items():
         if key not in state_dict:
             raise InputError(path, f"missing key {key} (expected shape {list(tensor.shape)})")
         if not isinstance(state_dict[key], torch.Tensor):
             raise InputError(path, f"{key} is a {type(state_dict[key]).__name__}, not a tensor")
+        if state_dict[key].layout != torch.strided:
+            raise InputError(path, f"{key} is a {state_dict[key].layout} tensor, not a dense one")
+        if not state_dict[key].is_floating_point():
+            raise InputError(path, f"{key} holds {str(state_dict[key].dtype).removeprefix('torch.')} values, not real "
+                                   "floating-point weights")
         if tuple(state_dict[key].shape) != tuple(tensor.shape):
             raise InputError(
                 path,
@@ -179,7 +254,8 @@ def load_checkpoint(path: str | Path, preset: str | None = None, **overrides) ->
     state_dict, source = read_state_dict(path, data)
     config = resolve_config(state_dict, path, preset, **overrides)
     training = is_training_form(state_dict)
-    template = build_train_model(config) if training else DIPNet(config)
+    with torch.device("meta"):  # shapes only: a model is allocated once the file holds every weight of it
+        template = build_train_model(config) if training else DIPNet(config)
     check_state_dict(path, state_dict, template.state_dict())
     check_finite(path, state_dict)
     state_dict = {k: v.float() for k, v in state_dict.items()}
@@ -188,7 +264,7 @@ def load_checkpoint(path: str | Path, preset: str | None = None, **overrides) ->
     loaded = LoadedCheckpoint(path, model.eval(), config, training, source, sha256_file(path),
                               learned_ranges=read_learned_ranges(path, data, source))
     if training:
-        template.load_state_dict(state_dict, strict=True)
+        template.load_state_dict(state_dict, strict=True, assign=True)
         loaded.fold_max_abs_diff = fold_max_abs_diff(template.eval(), loaded.model)
     return loaded
 

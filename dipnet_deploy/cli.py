@@ -314,10 +314,16 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
 @click.option("--compile/--no-compile", "compile_step", default=True, show_default=True,
               help="Run the training step through torch.compile: about a minute of compilation, then about twice "
                    "the iterations per second on CPU (plain PyTorch, with a warning, where compilation fails).")
+@click.option("--coverage", type=click.IntRange(0, 1000), default=0, show_default=True,
+              help="Generated stress images (saturated flat colours, line art, text, UI) whose LR joins the "
+                   "training images in the starting ranges (and so the floor); 0: the training images alone.")
+@click.option("--floor/--no-floor", "range_floor", default=True, show_default=True,
+              help="Never learn a range narrower than its start (max over the training and coverage images), so "
+                   "nothing those images showed is clipped; --no-floor lets ranges narrow freely.")
 @json_option
 @user_errors
 def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, target, loss, val, val_every, save_every, out,
-             resume, seed, threads, device, compile_step, as_json):
+             resume, seed, threads, device, compile_step, coverage, range_floor, as_json):
     """Quantization-aware fine-tuning: weights and int8 activation ranges learned together.
 
     The folded model is trained through a fake-quantized twin of the int8 QDQ graph that
@@ -335,7 +341,8 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
 
     options = FinetuneOptions(iters=iters, batch=batch, patch=patch, lr=lr, range_lr=range_lr, target=target, loss=loss,
                               val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
-                              threads=threads, equalize=equalize, device=device, compile=compile_step)
+                              threads=threads, equalize=equalize, device=device, compile=compile_step,
+                              coverage=coverage, floor=range_floor)
     result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress_bar, warn=warn)
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s, "
                f"{result.points} learned activation ranges)")
@@ -343,7 +350,8 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
         last = result.history[-1] if result.history else {}
         emit_json({"checkpoint": str(result.out), "iters": result.iters, "seconds": round(result.seconds, 1),
                    "iters_per_second": round(result.iters_per_second, 3), "loss": result.last_loss,
-                   "learned_ranges": result.points, "val_drop_db": last.get("val_drop_db")})
+                   "learned_ranges": result.points, "val_drop_db": last.get("val_drop_db"),
+                   "val_worst_drop_db": last.get("val_worst_drop_db")})
 
 
 RUNTIME_HELP = ("What runs the ONNX models: onnxruntime (CPU) or OpenVINO's own API on the CPU (optional extra: "
@@ -401,10 +409,14 @@ def progress_bar(iterable, description: str, total: int | None = None):
                    "weights (1,000 for the x2 default, about 6 minutes at 540x960 on 2 cores; 3,000 for the "
                    "official x4, about 43). Fewer steps lose more (BENCHMARKS.md). Needs --calib: reused "
                    "--ranges keep the steps they were refined with.")
+@click.option("--coverage", type=click.IntRange(0, 1000), default=0, show_default=True,
+              help="Generated stress images (saturated flat colours, line art, text, gradients, flat UI) calibrated "
+                   "beside yours, so that no range is narrower than what such images produce. Wider ranges cost "
+                   "photos resolution (BENCHMARKS.md: 'int8 on every image'); 0: your images alone.")
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
-             auto_steps, as_json):
+             auto_steps, coverage, as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
@@ -428,12 +440,12 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         raise InputError("--auto-steps", "applies to --method auto with --calib only (reused --ranges keep "
                                          "the steps they were refined with)")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
-                              AutoOptions(iters=auto_steps))
+                              AutoOptions(iters=auto_steps), coverage)
     result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "
-               f"{summary['images_used']} images, method {summary['method']}, peak RSS {summary['peak_rss_mb']} MB, "
-               f"{summary['seconds']} s)")
+               f"{summary['images_used']} images + {summary['coverage_images']} coverage, method {summary['method']}, "
+               f"peak RSS {summary['peak_rss_mb']} MB, {summary['seconds']} s)")
     click.echo(f"wrote {result.ranges_path}")
     click.echo(f"wrote {result.card_path}")
     if as_json:

@@ -39,12 +39,14 @@ from dipnet_deploy.qat import (
     QAT_FORMAT,
     CompiledOrEager,
     QuantSimDIPNet,
+    covering,
     model_from_onnx,
     observe_ranges,
 )
 from dipnet_deploy.range_graphs import tensor_shapes
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign, same_file
-from dipnet_deploy.sr_protocol import run_torch_whole, score, to_input
+from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, to_input
+from dipnet_deploy.stress_set import coverage_images
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, LoopOptions, PairedPatches, fit, load_val_pairs, make_run
 
 TARGETS = ("gt", "teacher", "mix")
@@ -68,6 +70,10 @@ class FinetuneOptions(LoopOptions):
     compile: run the student and the teacher through ``torch.compile`` (``qat.CompiledOrEager``:
         about twice the iterations per second after a minute of compilation; plain PyTorch where
         compilation fails).
+    coverage: generated stress images (``stress_set.coverage_images``) whose LR joins the training
+        images in the starting ranges (max calibration).
+    floor: no learned range narrower than its starting range (``qat.QuantSimDIPNet`` floor): what the
+        training and coverage images showed is never clipped.
     """
 
     iters: int = 5000
@@ -81,6 +87,8 @@ class FinetuneOptions(LoopOptions):
     equalize: bool = True
     device: str = "cpu"  # a torch device ("cuda", "cuda:1", "mps"): where the fine-tune runs
     compile: bool = True
+    coverage: int = 0
+    floor: bool = True
 
 
 @dataclass
@@ -138,16 +146,20 @@ def equalized_start(model: DIPNet, images: list[np.ndarray]) -> DIPNet:
     return model_from_onnx(equalize_with(traced, equalization_scales(traced, spaces, low, high)))
 
 
-def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet) -> dict:
-    """The checkpoint's ``quantization`` entry: ranges of ``params_ema`` (and of ``params``)."""
+def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet, covered: list[np.ndarray] | None = None) -> dict:
+    """The checkpoint's ``quantization`` entry: ranges of ``params_ema`` (and of ``params``). With ``covered``
+    (model inputs), the EMA ranges are widened to contain what the EMA model as written computes on them
+    (``qat.covering``): the floor holds for the weights the fine-tune ends with."""
     as_lists = lambda ranges: {name: [low, high] for name, (low, high) in sorted(ranges.items())}  # noqa: E731
+    ranges = ema.ranges() if covered is None else covering(ema.ranges(), ema.written().cpu(), covered)
     return {
         "format": QAT_FORMAT,
         "weights": "int8 symmetric per output channel",
         "activations": "uint8 asymmetric",
         "fixed": {name: list(bounds) for name, bounds in FIXED_POINTS.items()},
-        "ranges": as_lists(ema.ranges()),  # belongs to params_ema
+        "ranges": as_lists(ranges),  # belongs to params_ema
         "ranges_params": as_lists(sim.ranges()),  # belongs to params (for resuming)
+        "floor": as_lists(sim.floor()),  # range coverage: no learned range narrower (restored on resuming)
     }
 
 
@@ -157,6 +169,18 @@ def _restore_ranges(sim: QuantSimDIPNet, ranges: dict, path: Path) -> None:
     with torch.no_grad():
         sim.low.copy_(torch.tensor([float(ranges[n][0]) for n in sim.names]))
         sim.high.copy_(torch.tensor([float(ranges[n][1]) for n in sim.names]))
+
+
+def _checked_floor(floor, sim: QuantSimDIPNet, path: Path) -> dict[str, tuple[float, float]]:
+    if not isinstance(floor, dict) or not set(floor) <= set(sim.names):
+        raise InputError(path, "its range floor does not match this model's quantization points")
+    try:
+        checked = {str(name): (float(low), float(high)) for name, (low, high) in floor.items()}
+    except (TypeError, ValueError):
+        raise InputError(path, "its range floor is not pairs of numbers") from None
+    if not all(math.isfinite(low) and math.isfinite(high) and low <= high for low, high in checked.values()):
+        raise InputError(path, "its range floor holds a non-finite or inverted range")
+    return checked
 
 
 def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions = FinetuneOptions(),
@@ -193,7 +217,9 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     if options.equalize and saved is None:  # a resumed run restores its own weights
         initial = equalized_start(initial, images[:: max(1, len(images) // EQUALIZATION_IMAGES)])
     initial = initial.to(options.device)
-    sim = QuantSimDIPNet(initial.train(), observe_ranges(initial, [torch.from_numpy(image) for image in images]))
+    coverage = [to_input(make_pair(hr, config.upscale)[1]) for hr in coverage_images(options.coverage)]
+    start = observe_ranges(initial, [torch.from_numpy(image) for image in images + coverage])
+    sim = QuantSimDIPNet(initial.train(), start, floor=start if options.floor else None)
     sim = sim.to(options.device)
     for parameter in sim.model.parameters():
         parameter.requires_grad_(True)
@@ -209,6 +235,8 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
             raise InputError(options.resume, f"cannot resume from it ({str(error).splitlines()[0][:120]})") from None
         _restore_ranges(run.model, saved["quantization"].get("ranges_params"), options.resume)
         _restore_ranges(run.ema, saved["quantization"].get("ranges"), options.resume)
+        for module in (run.model, run.ema):  # the floor of the run's own start (equalized weights), not of this one
+            module.set_floor(_checked_floor(saved["quantization"].get("floor", {}), module, options.resume))
     if run.iteration >= options.iters:
         raise InputError(options.resume, f"already at iteration {run.iteration}; --iters {options.iters} leaves nothing to do")
     start = run.iteration
@@ -228,19 +256,21 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
             return distance(output, reference)
         return 0.5 * (distance(output, hr) + distance(output, reference))
 
-    fp32_psnr = np.mean([score(run_torch_whole(teacher, lr), hr, config.upscale)["psnr_y"]
-                         for hr, lr in val_pairs]) if val_pairs else None
+    fp32_psnr = [score(run_torch_whole(teacher, lr), hr, config.upscale)["psnr_y"] for hr, lr in val_pairs]
 
     def validation() -> dict:
-        simulated = np.mean([score(run_torch_whole(run.ema, lr), hr, config.upscale)["psnr_y"] for hr, lr in val_pairs])
-        return {"val_psnr_y": float(simulated), "val_drop_db": float(fp32_psnr - simulated)}
+        simulated = [score(run_torch_whole(run.ema, lr), hr, config.upscale)["psnr_y"] for hr, lr in val_pairs]
+        drops = [reference - value for reference, value in zip(fp32_psnr, simulated)]
+        return {"val_psnr_y": float(np.mean(simulated)), "val_drop_db": float(np.mean(drops)),
+                "val_worst_drop_db": float(np.max(drops))}
 
     if val_pairs and run.iteration == 0:  # where the fine-tune starts: max ranges, original weights
         run.history.append({"iter": 0, **validation()})
 
     def save(wall: float) -> None:
         payload = run.payload(config, asdict(options) | {"checkpoint": str(checkpoint), "data": str(data)}, wall)
-        payload["quantization"] = learned_ranges_entry(run.model, run.ema)
+        final = options.floor and run.iteration >= options.iters
+        payload["quantization"] = learned_ranges_entry(run.model, run.ema, images + coverage if final else None)
         payload["finetuned_from"] = {"path": str(checkpoint), "sha256": loaded.sha256, "entry": loaded.source}
         write_checkpoint(out, payload)
 

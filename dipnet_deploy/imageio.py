@@ -3,10 +3,11 @@
 Every reader returns 8-bit 3-channel RGB. Gray, gray+alpha, RGBA and 16-bit inputs are
 converted explicitly and the conversion is reported, never silently misread.
 
-Size limits: an image is decoded only when its header (read lazily by Pillow) declares at most
-``max_pixels()`` pixels (``DIPNET_MAX_MEGAPIXELS`` million, default 100) and its file is no larger
-than such an image can be (``MAX_BYTES_PER_PIXEL`` per allowed pixel plus ``HEADER_BYTES``); so
-a decompression bomb or a huge file named .png costs a header read, not gigabytes.
+Size limits: an image is decoded only when its header (read lazily by Pillow) is of one of
+``IMAGE_FORMATS`` and declares at most ``max_pixels()`` pixels (``DIPNET_MAX_MEGAPIXELS`` million,
+default 100) and its file is no larger than such an image can be (``MAX_BYTES_PER_PIXEL`` per
+allowed pixel plus ``HEADER_BYTES``); so a decompression bomb or a huge file named .png costs a
+header read, not gigabytes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dipnet_deploy.safety import holds_our_report
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF", "WEBP")  # Pillow's names of those (MPO: a camera's JPEG)
 MAX_MEGAPIXELS_VARIABLE = "DIPNET_MAX_MEGAPIXELS"
 DEFAULT_MAX_MEGAPIXELS = 100.0
 MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA stored raw: the largest pixel we decode
@@ -59,10 +61,14 @@ def check_image_size(path: Path) -> None:
         with warnings.catch_warnings(), Image.open(path) as image:  # parses the header; pixels stay on disk
             warnings.simplefilter("ignore")
             width, height = image.size
+            kind = image.format
     except PermissionError:
         raise  # read_rgb8 says the file cannot be read
     except Exception:  # Pillow raises many types on foreign or damaged headers
         raise InputError(path, "not a readable image (unrecognized or damaged header)") from None
+    if kind not in IMAGE_FORMATS:  # for these, OpenCV picks its decoder by the same signature: the size above holds
+        raise InputError(path, f"not a readable image (a {kind} file; the formats read are "
+                               f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
     check_pixel_count(path, width, height)
 
 

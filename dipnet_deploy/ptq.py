@@ -13,6 +13,10 @@ From the fp32 ONNX and the calibration images alone (no checkpoint, no training 
    int8 values it was refined to (``weight_lr`` 0 keeps the plainly rounded weights: ranges only).
    This is end-to-end AdaQuant/QAT on the calibration images, with the fp32 model as the only
    teacher.
+4. range coverage (``AutoOptions.floor``): no range is learned narrower than its max range over the
+   calibration and coverage images, and each is widened at the end to contain what the model as
+   written (adapted weights) computes on them: nothing those images showed is clipped. Narrowing
+   ranges to what a few photos show is what made int8 fail on saturated colours and line art.
 
 Everything is recorded in the ranges document (``parameters`` and ``adapted_weights``), so
 ``--ranges`` reuses it as is. The model must be a DIPNet exported by ``export`` (its
@@ -35,6 +39,7 @@ from dipnet_deploy.qat import (
     FIXED_POINTS,
     WEIGHT_QMAX,
     QuantSimDIPNet,
+    covering,
     fake_quant_weight,
     model_from_onnx,
     onnx_point_names,
@@ -50,7 +55,8 @@ class AutoOptions:
     """iters: Adam steps (None: ``default_steps`` of the model: 1,000 for the x2 default, 3,000 for
     the official x4); batch crops of crop x crop input pixels each; lr: peak learning rate of the
     range bounds; weight_lr: of the weights (0: weights rounded to nearest, not refined); both decay
-    by cosine to 1%; seed: the crops drawn."""
+    by cosine to 1%; seed: the crops drawn; floor: no range narrower than its starting (max) range,
+    so nothing the calibration and coverage images showed is clipped (``qat.QuantSimDIPNet`` floor)."""
 
     iters: int | None = None
     batch: int = 8
@@ -58,6 +64,7 @@ class AutoOptions:
     lr: float = 1e-3
     weight_lr: float = 1e-4
     seed: int = 0
+    floor: bool = True
 
 
 @dataclass
@@ -107,7 +114,8 @@ def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], input
         parameter.requires_grad_(False)
     for parameter in student.parameters():
         parameter.requires_grad_(options.weight_lr > 0)
-    sim = QuantSimDIPNet(student, point_ranges(fp32.graph, tensors))
+    start = point_ranges(fp32.graph, tensors)
+    sim = QuantSimDIPNet(student, start, floor=start if options.floor else None)
     groups = [{"params": [sim.low, sim.high], "peak": options.lr}]
     if options.weight_lr > 0:
         groups.append({"params": list(student.parameters()), "peak": options.weight_lr})
@@ -135,7 +143,10 @@ def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], input
                     weights[f"{name}.weight"] = fake_quant_weight(module.weight).numpy().astype(np.float32)
                     if module.bias is not None:
                         weights[f"{name}.bias"] = module.bias.numpy().astype(np.float32)
-    return Refinement(tensor_ranges(fp32.graph, sim.ranges()), weights, options)
+    ranges = sim.ranges()
+    if options.floor:
+        ranges = covering(ranges, sim.written(), [inputs[i:i + 1] for i in range(len(inputs))])
+    return Refinement(tensor_ranges(fp32.graph, ranges), weights, options)
 
 
 def auto_parameters(options: AutoOptions) -> dict:

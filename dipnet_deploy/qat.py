@@ -19,6 +19,7 @@ model. Rounding uses a straight-through estimator; ranges are learnable (LSQ-sty
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Callable
@@ -125,24 +126,55 @@ class QuantSimDIPNet(nn.Module):
     """A deploy-form DIPNet run through fake quantization at the QDQ graph's points.
 
     ``ranges`` maps each learned point to its initial (low, high); the ``fixed`` points (by
-    default ``FIXED_POINTS``) keep theirs. ``forward`` records the names it visits in ``visited``.
+    default ``FIXED_POINTS``) keep theirs. ``floor`` (range coverage) maps points to a range their
+    learned range always contains: the range used is [min(low, floor low), max(high, floor high)], so
+    learning may widen a range but never clip what the floor's images showed. ``forward`` records the
+    names it visits in ``visited``.
     """
 
     def __init__(self, model: DIPNet, ranges: dict[str, tuple[float, float]],
-                 fixed: dict[str, tuple[float, float]] = FIXED_POINTS):
+                 fixed: dict[str, tuple[float, float]] = FIXED_POINTS,
+                 floor: dict[str, tuple[float, float]] | None = None):
         super().__init__()
         self.model, self.fixed = model, dict(fixed)
         self.names = sorted(ranges)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.low = nn.Parameter(torch.tensor([ranges[n][0] for n in self.names], dtype=torch.float32))
         self.high = nn.Parameter(torch.tensor([ranges[n][1] for n in self.names], dtype=torch.float32))
+        self.register_buffer("floor_low", torch.empty(len(self.names)))
+        self.register_buffer("floor_high", torch.empty(len(self.names)))
+        self.set_floor(floor or {})
         self.visited: list[str] = []
         self.observed: dict[str, tuple[float, float]] | None = None  # set: record float ranges, quantize nothing
 
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ranges in use: the learned ones widened to the floor."""
+        return torch.minimum(self.low, self.floor_low), torch.maximum(self.high, self.floor_high)
+
     def ranges(self) -> dict[str, tuple[float, float]]:
-        """The learned ranges as plain floats, by point name."""
-        low, high = self.low.detach().tolist(), self.high.detach().tolist()
+        """The ranges in use (``bounds``) as plain floats, by point name."""
+        low, high = (bound.detach().tolist() for bound in self.bounds())
         return {name: (low[i], high[i]) for name, i in self.index.items()}
+
+    def floor(self) -> dict[str, tuple[float, float]]:
+        """The floor (points that have one), as plain floats: what a resumed run must restore."""
+        low, high = self.floor_low.tolist(), self.floor_high.tolist()
+        return {name: (low[i], high[i]) for name, i in self.index.items() if low[i] <= high[i]}
+
+    def set_floor(self, floor: dict[str, tuple[float, float]]) -> None:
+        no_floor = (math.inf, -math.inf)
+        with torch.no_grad():
+            self.floor_low.copy_(torch.tensor([floor.get(n, no_floor)[0] for n in self.names]))
+            self.floor_high.copy_(torch.tensor([floor.get(n, no_floor)[1] for n in self.names]))
+
+    def written(self) -> DIPNet:
+        """A copy of the model with every conv weight on its int8 grid: the values the int8 model holds."""
+        written = copy.deepcopy(self.model).eval()
+        with torch.no_grad():
+            for module in written.modules():
+                if isinstance(module, nn.Conv2d):
+                    module.weight.copy_(fake_quant_weight(module.weight))
+        return written
 
     def quant(self, name: str, value: torch.Tensor) -> Point:
         self.visited.append(name)
@@ -156,7 +188,7 @@ class QuantSimDIPNet(nn.Module):
             low, high = (torch.tensor(v, device=value.device) for v in self.fixed[owner])
         else:
             i = self.index[owner]
-            low, high = self.low[i], self.high[i]
+            low, high = torch.minimum(self.low[i], self.floor_low[i]), torch.maximum(self.high[i], self.floor_high[i])
         return Point(fake_quant_activation(value, low, high), name)
 
     def conv(self, name: str, module: nn.Conv2d, x: Point) -> Point:
@@ -242,6 +274,17 @@ def observe_ranges(model: DIPNet, batches: list[torch.Tensor]) -> dict[str, tupl
     for batch in batches:
         walker(batch.to(device))
     return dict(walker.observed)
+
+
+def covering(ranges: dict[str, tuple[float, float]], model: DIPNet,
+             inputs: list[np.ndarray]) -> dict[str, tuple[float, float]]:
+    """``ranges`` (by point) widened to contain what ``model`` computes at each point on ``inputs``
+    ([1, 3, H, W] float32 arrays): weights that moved during a refinement or fine-tune move the
+    activations too, and the floor must hold for the model as written."""
+    with torch.no_grad():
+        seen = observe_ranges(model, [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+    return {name: (min(low, seen.get(name, (low, high))[0]), max(high, seen.get(name, (low, high))[1]))
+            for name, (low, high) in ranges.items()}
 
 
 def onnx_point_names(graph: onnx.GraphProto) -> dict[str, str]:

@@ -41,8 +41,11 @@ from dipnet_deploy.ranges_schema import (
     read_ranges,
 )
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
+from dipnet_deploy.stress_set import COVERAGE_HUES, COVERAGE_SEED, coverage_images
 
 MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
+DEFAULT_COVERAGE = 0  # max over coverage images widens ranges more than photos can pay for (BENCHMARKS.md)
+COVERAGE_GENERATOR = f"stress_set.coverage_images (seed {COVERAGE_SEED}, hue offsets {list(COVERAGE_HUES)})"
 
 
 @dataclass
@@ -58,6 +61,9 @@ class QuantizeOptions:
     limit: at most this many calibration images (sorted by path); None: all.
     equalize: rescale channels before quantizing (``equalize.py``; the same function in float).
     auto: the refinement of "auto".
+    coverage: generated stress images (``stress_set.coverage_images``: saturated flat colours, line art,
+        text, gradients, UI) calibrated beside the user's, so that no range is narrower than what such
+        images produce (0, the default: the user's images alone).
     """
 
     method: str = "max"
@@ -67,6 +73,7 @@ class QuantizeOptions:
     limit: int | None = None
     equalize: bool = True
     auto: AutoOptions = field(default_factory=AutoOptions)  # --method auto
+    coverage: int = DEFAULT_COVERAGE
 
 
 @dataclass
@@ -95,17 +102,20 @@ def check_fp32_model(path: Path) -> tuple[onnx.ModelProto, list[int]]:
 
 
 class VendorInputs:
-    """The calibration images, read and preprocessed as the seed does, one at a time."""
+    """The calibration images (files, then the in-memory coverage images), preprocessed as the seed does,
+    one at a time."""
 
-    def __init__(self, files: list[Path], height: int, width: int):
-        self.files, self.height, self.width = files, height, width
+    def __init__(self, files: list[Path], height: int, width: int, coverage: list[np.ndarray] = ()):
+        self.files, self.height, self.width, self.coverage = files, height, width, list(coverage)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) + len(self.coverage)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for path in self.files:
             yield vendor_preprocess(read_rgb8(path)[0], self.height, self.width)
+        for image in self.coverage:
+            yield vendor_preprocess(image, self.height, self.width)
 
 
 def select_images(directory: Path, limit: int | None, warn: Callable[[str], None]) -> tuple[list[Path], list[str]]:
@@ -153,7 +163,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
             raise InputError(model_path, "--method auto needs a DIPNet ONNX written by `dipnet-deploy export` "
                                          "(its weights keep the module names); use --method max") from None
     observer = make_observer("max" if auto else options.method, options.percentile)
-    inputs = VendorInputs(files, height, width)
+    inputs = VendorInputs(files, height, width, coverage_images(options.coverage))
     calibration = calibrate(model, inputs, observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
@@ -165,6 +175,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     document = ranges_header(model_path, shape, options.method, parameters) | {
         "preprocessing": "cv2 bilinear resize to the model input, RGB, /255 (the seed's)",
         "calibration_files": [{"path": str(p), "sha256": sha256_file(p)} for p in files],
+        "coverage": {"images": options.coverage, "generator": COVERAGE_GENERATOR},
         "skipped": skipped,
         "equalization": {
             "max_scale": MAX_SCALE, "per_channel_weights": options.per_channel,
@@ -429,6 +440,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         "model": str(model_path), "int8": str(output), "ranges": str(ranges_path), "card": str(card_path),
         "method": document["method"], "equalized": bool(document.get("equalization")),
         "images_used": len(document["calibration_files"]), "images_skipped": len(document.get("skipped", [])),
+        "coverage_images": document.get("coverage", {}).get("images", 0),
         "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": round(time.perf_counter() - started, 2),

@@ -24,7 +24,7 @@ from dipnet_deploy.fileio import refuse_without_room, scratch_dir
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
-    """Graph input and every float node output but the graph output, in graph order.
+    """Graph input and every float node output but the graph output and constants, in graph order.
 
     These are what the QDQ quantizer may quantize. The model output is left in float, as
     onnxruntime's own calibrator does: quantizing it would only add error to the result.
@@ -35,7 +35,8 @@ def float_tensors(model: onnx.ModelProto) -> list[str]:
     initializers = {init.name for init in model.graph.initializer}
     outputs = {vi.name for vi in model.graph.output}
     names = [vi.name for vi in model.graph.input if vi.name not in initializers]
-    names += [out for node in model.graph.node for out in node.output if out and out not in outputs]
+    names += [out for node in model.graph.node if node.op_type != "Constant"  # (opset 11 Resize scales): no activation
+              for out in node.output if out and out not in outputs]
     return [name for name in names if types.get(name) == TensorProto.FLOAT]
 
 
@@ -93,8 +94,14 @@ def range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     augmented = onnx.ModelProto()
     augmented.CopyFrom(model)
     graph = augmented.graph
-    reductions = [helper.make_node(op, [name], [f"__calib_{op}_{index}"], axes=[0, 2, 3], keepdims=0,
-                                   name=f"__calib_{op}_{index}")
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 17)
+    if opset >= 18:  # opset 18 moved the reduced axes from an attribute to a second input
+        graph.initializer.append(helper.make_tensor(REDUCED_AXES, TensorProto.INT64, [3], [0, 2, 3]))
+        axes = {"inputs": [REDUCED_AXES], "attributes": {}}
+    else:
+        axes = {"inputs": [], "attributes": {"axes": [0, 2, 3]}}
+    reductions = [helper.make_node(op, [name, *axes["inputs"]], [f"__calib_{op}_{index}"], keepdims=0,
+                                   name=f"__calib_{op}_{index}", **axes["attributes"])
                   for index, name in enumerate(tensors) for op in ("ReduceMin", "ReduceMax")]
     place_after_producers(graph, reductions)
     del graph.output[:]
@@ -132,6 +139,7 @@ def place_after_producers(graph: onnx.GraphProto, extra: list[onnx.NodeProto]) -
 
 
 NCHWC_DOMAIN = "com.microsoft.nchwc"
+REDUCED_AXES = "__calib_axes"  # N, H and W: what is left is one value per channel
 
 
 def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:

@@ -65,6 +65,7 @@ MAX_RANGES_BYTES = 32 << 20
 MAX_LEARNED_BYTES = 1 << 20
 MAX_TEXT = 1 << 16  # characters of a path, a skip reason, a tool or method description
 MAX_INTEGER_DIGITS = 39  # 10**39 > 2**128: no longer integer is finite as float32
+MAX_COVERAGE_IMAGES = 1000  # generated coverage images (quantize --coverage)
 MAX_PARAMETERS = 64  # `parameters` of a calibration method (auto's has 10)
 MAGNITUDE_LIMIT = 1e18  # any range bound, weight (levels x scale) or bias value
 MIN_SCALE = 1e-18  # a bias scale is activation x weight scale: >= 1e-36, still a normal float32
@@ -303,7 +304,8 @@ def _adapted_weights(entry, model: onnx.ModelProto) -> None:
 
 def _document(document, model: onnx.ModelProto, where: Path) -> None:
     required = ("format", "model_sha256", "input_shape", "method", "parameters", "calibration_files", "tensors")
-    optional = ("tool", "model", "preprocessing", "skipped", "equalization", "tensors_of", "adapted_weights", SEAL_KEY)
+    optional = ("tool", "model", "preprocessing", "skipped", "coverage", "equalization", "tensors_of", "adapted_weights",
+                SEAL_KEY)
     _fields(document, "the ranges document", required, optional)
     if document["format"] != RANGES_FORMAT:
         raise _Invalid(f"field 'format' must be {RANGES_FORMAT!r}")
@@ -316,6 +318,10 @@ def _document(document, model: onnx.ModelProto, where: Path) -> None:
         _fields(item, f"calibration_files[{index}]", ("path", "sha256"))
         _text(item["path"], f"calibration_files[{index}] path")
         _sha256(item["sha256"], f"calibration_files[{index}] sha256")
+    if "coverage" in document:
+        _fields(document["coverage"], "field 'coverage'", ("images", "generator"))
+        _bounded(document["coverage"]["images"], 0, MAX_COVERAGE_IMAGES, "coverage images")
+        _text(document["coverage"]["generator"], "coverage generator")
     for index, item in enumerate(_array(document.get("skipped", []), None, "field 'skipped'")):
         _text(item, f"skipped[{index}]")
     for key in ("tool", "model", "preprocessing", "tensors_of", SEAL_KEY):

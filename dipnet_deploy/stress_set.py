@@ -21,6 +21,10 @@ import cv2
 import numpy as np
 
 KINDS = ("bands", "line_art", "text", "gradients", "ui")
+# Coverage images (fed to calibration and fine-tuning as range coverage) and evaluation images never share
+# a seed or a palette: seed 0 at hue offsets 0 and 30 degrees feeds; seed 1 at 15 and 45 degrees evaluates.
+COVERAGE_SEED, COVERAGE_HUES = 0, (0.0, 30.0)
+EVALUATION_SEED, EVALUATION_HUES = 1, (15.0, 45.0)
 SIZES = ((480, 640), (720, 1280), (600, 800), (1200, 2100))
 SATURATED_STEPS = 6  # hues per turn of the palette: primaries and secondaries at hue_offset 0
 
@@ -127,26 +131,54 @@ DRAW: dict[str, Callable[[np.random.Generator, int, int, np.ndarray], np.ndarray
     "bands": _bands, "line_art": _line_art, "text": _text, "gradients": _gradients, "ui": _ui}
 
 
-def stress_image(index: int, seed: int, hue_offset: float, sizes=SIZES) -> tuple[str, np.ndarray]:
-    """The ``index``-th image of the set drawn from ``(seed, hue_offset)``: its kind and RGB pixels."""
+def stress_image(index: int, seed: int, hues: tuple[float, ...], sizes=SIZES) -> tuple[str, np.ndarray]:
+    """The ``index``-th image drawn from ``(seed, hues)``: every kind once at the first hue offset, then at
+    the next, and so on; its kind and RGB pixels."""
     kind = KINDS[index % len(KINDS)]
     height, width = sizes[index % len(sizes)]
     rng = np.random.default_rng([seed, index])
-    return kind, DRAW[kind](rng, height, width, palette(hue_offset))
+    return kind, DRAW[kind](rng, height, width, palette(hues[(index // len(KINDS)) % len(hues)]))
 
 
-def write_stress_set(folder: str | Path, count: int, seed: int, hue_offset: float, sizes=SIZES,
-                     progress=lambda items, description, total: items) -> list[Path]:
-    """Write ``count`` PNGs ``stress_SEED_INDEX_KIND.png`` into ``folder`` (created); their paths."""
+def coverage_images(count: int) -> list[np.ndarray]:
+    """The range-coverage images calibration and fine-tuning add to the user's (``COVERAGE_SEED``)."""
+    return [stress_image(index, COVERAGE_SEED, COVERAGE_HUES)[1] for index in range(count)]
+
+
+def write_stress_set(folder: str | Path, count: int, seed: int = EVALUATION_SEED, hues: tuple[float, ...] = EVALUATION_HUES,
+                     sizes=SIZES, progress=lambda items, description, total: items) -> list[Path]:
+    """Write ``count`` PNGs ``stress_SEED_INDEX_KIND.png`` into ``folder`` (created); their paths. The
+    defaults draw the evaluation images, which never fed calibration or fine-tuning."""
     from dipnet_deploy.fileio import write_bytes_atomic
 
     folder = Path(folder)
     paths = []
     for index in progress(range(count), "stress set", count):
-        kind, image = stress_image(index, seed, hue_offset, sizes)
+        kind, image = stress_image(index, seed, hues, sizes)
         ok, data = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         assert ok, "OpenCV could not encode a PNG of a plain uint8 image"
         path = folder / f"stress_{seed}_{index:03d}_{kind}.png"
         write_bytes_atomic(path, data.tobytes())
         paths.append(path)
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m dipnet_deploy.stress_set FOLDER [--count N] [--seed S] [--hues H,H]``: write an evaluation set."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the generated stress set (PNG) into FOLDER. The defaults "
+                                                 "draw the evaluation images, never the coverage ones.")
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=EVALUATION_SEED)
+    parser.add_argument("--hues", default=",".join(f"{h:g}" for h in EVALUATION_HUES),
+                        help="hue offsets in degrees, comma-separated")
+    args = parser.parse_args(argv)
+    hues = tuple(float(h) for h in args.hues.split(","))
+    for path in write_stress_set(args.folder, args.count, args.seed, hues):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,8 +4,15 @@ Conventions: frames reach the function as HxWx3 uint8 RGB (converted from the de
 format with the frame's own colour tags) and come back as uint8 RGB of any one size, which are
 encoded as yuv420p with the same colour tags. The output keeps the input's container (chosen
 by the target's suffix, so a temporary name can be written), its frame rate and every frame's
-timestamp (the encoder works in the input stream's time base); audio streams are copied packet
-for packet, other streams (subtitles, data) are dropped.
+timestamp (the encoder works in the input stream's time base) and its display matrix (a rotated
+clip stays rotated); audio streams are copied packet for packet, other streams (subtitles, data)
+are dropped.
+
+Size limits: a file is opened only by the FFmpeg demuxer its suffix names (``DEMUXERS``), and only
+when its first bytes are that container's signature: FFmpeg's guess would also take a picture, which
+its image demuxers decode whole to learn the size. Every decoder, those ``av.open`` runs to read the
+stream parameters included, refuses frames over ``max_pixels()`` (FFmpeg's ``max_pixels``), and
+every frame must have the size the stream header declared before decoding began.
 """
 
 from __future__ import annotations
@@ -19,10 +26,13 @@ import numpy as np
 
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import is_write_failure
-from dipnet_deploy.imageio import check_pixel_count
+from dipnet_deploy.imageio import check_pixel_count, max_pixels
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
-CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".avi": "avi"}
+CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".avi": "avi"}  # muxers
+DEMUXERS = {".mp4": "mov", ".mov": "mov", ".mkv": "matroska", ".webm": "matroska", ".avi": "avi"}
+CONTAINER_NAMES = {"mov": "MP4/QuickTime", "matroska": "Matroska/WebM", "avi": "AVI"}
+ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")  # what an MP4/QuickTime file starts with
 DEFAULT_CODEC = "libx264"  # H.264
 WEBM_CODEC = "libvpx-vp9"  # WebM admits only VP8/VP9/AV1
 COLOUR_TAGS = ("colorspace", "color_range", "color_primaries", "color_trc")
@@ -43,19 +53,84 @@ def default_codec(suffix: str) -> str:
     return WEBM_CODEC if suffix.lower() == ".webm" else DEFAULT_CODEC
 
 
+def container_signature(head: bytes) -> str | None:
+    """The demuxer of ``DEMUXERS`` whose container a file beginning with ``head`` (12 bytes) is, or None."""
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML
+        return "matroska"
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    return "mov" if head[4:8] in ISO_BOXES else None
+
+
+def decoder_options() -> dict[str, str]:
+    """FFmpeg decoder options that bound every frame to the size limit before it is allocated."""
+    return {"max_pixels": str(max_pixels())}
+
+
+def open_video(path: Path) -> av.container.InputContainer:
+    """``path`` (named with one of ``VIDEO_SUFFIXES``) opened by the demuxer of its suffix, if it has that
+    container's signature (see the module's size limits); a decoder that ``av.open`` runs is bounded by
+    ``decoder_options``."""
+    demuxer = DEMUXERS[path.suffix.lower()]
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as error:
+        raise InputError(path, f"cannot be read ({error.strerror or error})") from None
+    if container_signature(head) != demuxer:
+        raise InputError(path, f"not a readable video (its content is no {CONTAINER_NAMES[demuxer]} container, "
+                               f"which {path.suffix} names)")
+    return av.open(str(path), format=demuxer, options=decoder_options())
+
+
+def _first_frame_tags(source: Path, scale: int) -> tuple[dict, list[int] | None]:
+    """The colour tags of the first frame, and its display matrix for a ``scale`` times larger frame (None
+    without one): the encoder must carry both before the output's header is written, which the first
+    copied audio packet may do before a video frame is decoded."""
+    with open_video(source) as reader:
+        reader.streams.video[0].codec_context.options = decoder_options()
+        for packet in reader.demux(video=0):
+            for frame in _decode(source, packet, 0):
+                tags = {key: getattr(frame, key) for key in COLOUR_TAGS}
+                matrix = frame.side_data.get("DISPLAYMATRIX")
+                if matrix is None:
+                    return tags, None
+                values = np.frombuffer(bytes(matrix), np.int32, count=9).astype(np.int64)
+                values[6:8] *= scale  # the translation, in pixels of the frame (16.16 fixed point)
+                return tags, np.clip(values, -2**31, 2**31 - 1).tolist()
+    raise InputError(source, "has no video frames")
+
+
+def _decode(source: Path, packet: av.Packet, frames: int) -> list[av.VideoFrame]:
+    """The frames ``packet`` completes, after ``frames`` others; a decoder's error (a damaged stream, or a frame
+    over the size limit, which ``decoder_options`` makes one) in one line."""
+    try:
+        return packet.decode()
+    except av.FFmpegError as error:
+        raise InputError(source, f"decoding stopped after {frames} frames: the stream is damaged, or a frame is "
+                                 f"over the {max_pixels() / 1e6:g}-megapixel limit ({error})") from None
+
+
 def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.ndarray], np.ndarray],
               scale: int, codec: str, crf: int, tick: Callable[[], None] = lambda: None) -> int:
     """Write ``convert`` of every frame of ``source``'s first video stream to ``target``; the frame count.
 
     ``suffix`` picks the container; ``convert`` enlarges each side ``scale`` times. Raises
-    InputError for a file PyAV cannot read, one without video frames, or a failing encoder.
+    InputError for a file PyAV cannot read, one without video frames, a frame over the size limit or
+    of another size than the header's, or a failing encoder.
     """
     try:
-        with av.open(str(source)) as reader:
+        with open_video(source) as reader:
             if not reader.streams.video:
                 raise InputError(source, "has no video stream")
             video = reader.streams.video[0]
-            check_pixel_count(source, video.width, video.height)  # from the header, before any frame is decoded
+            if video.codec_context is None:
+                raise InputError(source, "its video is in a format this FFmpeg cannot decode")
+            # PyAV reports the decoder's size once decoding began: the header's is kept here, and checked
+            width, height = video.width, video.height
+            check_pixel_count(source, width, height)
+            video.codec_context.options = decoder_options()
+            tags, matrix = _first_frame_tags(source, scale)
             audio = list(reader.streams.audio)
             frames = 0
             with av.open(str(target), "w", format=CONTAINERS[suffix.lower()]) as writer:
@@ -64,24 +139,27 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
                 except ValueError:  # PyAV's "format does not support codec"
                     raise InputError(source, f"a {suffix} file cannot hold {codec} video; choose another --codec "
                                              f"(default for {suffix}: {default_codec(suffix)})") from None
-                encoder.width, encoder.height = video.width * scale, video.height * scale
+                encoder.width, encoder.height = width * scale, height * scale
                 encoder.pix_fmt = "yuv420p"
                 encoder.codec_context.time_base = video.time_base
                 encoder.options = {"crf": str(crf), **({"b:v": "0"} if codec == WEBM_CODEC else {})}
-                copies = {stream.index: writer.add_stream_from_template(stream) for stream in audio}
+                for key, value in tags.items():  # tag the output as the input is tagged
+                    setattr(encoder.codec_context, key, value)
+                encoder.set_display_matrix(matrix)
+                try:
+                    copies = {stream.index: writer.add_stream_from_template(stream) for stream in audio}
+                except ValueError as error:  # PyAV's "format does not support codec", for audio copied as it is
+                    raise InputError(source, f"its audio cannot be copied into a {suffix} file ({error})") from None
                 for packet in reader.demux(video, *audio):
                     if packet.stream.type != "video":
                         if packet.dts is not None:
                             packet.stream = copies[packet.stream.index]
                             writer.mux(packet)
                         continue
-                    for frame in packet.decode():
-                        if (frame.width, frame.height) != (video.width, video.height):  # the header said otherwise
+                    for frame in _decode(source, packet, frames):
+                        if (frame.width, frame.height) != (width, height):
                             raise InputError(source, f"frame {frames} is {frame.width}x{frame.height}, the stream "
-                                                     f"header says {video.width}x{video.height}")
-                        if not frames:  # tag the output as the input is tagged
-                            for key in COLOUR_TAGS:
-                                setattr(encoder.codec_context, key, getattr(frame, key))
+                                                     f"header says {width}x{height}")
                         out = av.VideoFrame.from_ndarray(convert(frame.to_ndarray(format="rgb24")), format="rgb24")
                         out = out.reformat(format="yuv420p", dst_colorspace=frame.colorspace,
                                            dst_color_range=frame.color_range)
@@ -102,7 +180,7 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
 def count_frames(path: Path) -> int:
     """The video's frame count from its header (estimated from the duration if absent; 0 if unknown)."""
     try:
-        with av.open(str(path)) as container:
+        with open_video(path) as container:
             if not container.streams.video:
                 return 0
             stream = container.streams.video[0]
@@ -110,7 +188,7 @@ def count_frames(path: Path) -> int:
                 return stream.frames
             if stream.duration and stream.time_base and stream.average_rate:
                 return int(round(float(stream.duration * stream.time_base * stream.average_rate)))
-    except av.FFmpegError:
+    except (av.FFmpegError, InputError):  # transcode says what is wrong with the file
         pass
     return 0
 

@@ -20,9 +20,9 @@ def test_palette_at_offset_zero_is_the_primaries_and_secondaries():
 
 
 def test_same_arguments_same_bytes_other_seed_other_images(tmp_path):
-    first = write_stress_set(tmp_path / "a", 5, seed=3, hue_offset=0.0, sizes=SMALL)
-    again = write_stress_set(tmp_path / "b", 5, seed=3, hue_offset=0.0, sizes=SMALL)
-    other = write_stress_set(tmp_path / "c", 5, seed=4, hue_offset=0.0, sizes=SMALL)
+    first = write_stress_set(tmp_path / "a", 5, seed=3, hues=(0.0,), sizes=SMALL)
+    again = write_stress_set(tmp_path / "b", 5, seed=3, hues=(0.0,), sizes=SMALL)
+    other = write_stress_set(tmp_path / "c", 5, seed=4, hues=(0.0,), sizes=SMALL)
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in first]
     assert digest == [hashlib.sha256(p.read_bytes()).hexdigest() for p in again]
     assert not set(digest) & {hashlib.sha256(p.read_bytes()).hexdigest() for p in other}
@@ -30,7 +30,7 @@ def test_same_arguments_same_bytes_other_seed_other_images(tmp_path):
 
 
 def test_each_kind_holds_what_it_promises():
-    images = {kind: stress_image(i, seed=1, hue_offset=0.0, sizes=((240, 320),))[1] for i, kind in enumerate(KINDS)}
+    images = {kind: stress_image(i, seed=1, hues=(0.0,), sizes=((240, 320),))[1] for i, kind in enumerate(KINDS)}
     for kind, image in images.items():
         assert image.shape == (240, 320, 3) and image.dtype == np.uint8, kind
     corners_of_the_cube = np.all((images["bands"] == 0) | (images["bands"] == 255), axis=2)
@@ -43,3 +43,12 @@ def test_each_kind_holds_what_it_promises():
     assert np.median(steps) <= 2  # smooth ramps
     colours = {tuple(c) for c in images["ui"].reshape(-1, 3)}
     assert len(colours) < 2000  # flat UI colours (antialiased labels add a few)
+
+
+def test_coverage_and_evaluation_images_never_meet():
+    from dipnet_deploy.stress_set import EVALUATION_HUES, EVALUATION_SEED, coverage_images
+
+    coverage = {hashlib.sha256(image.tobytes()).hexdigest() for image in coverage_images(10)}
+    evaluation = {hashlib.sha256(stress_image(i, EVALUATION_SEED, EVALUATION_HUES)[1].tobytes()).hexdigest()
+                  for i in range(10)}
+    assert len(coverage) == len(evaluation) == 10 and not coverage & evaluation
