@@ -158,8 +158,11 @@ def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet, covered: list
         "activations": "uint8 asymmetric",
         "fixed": {name: list(bounds) for name, bounds in FIXED_POINTS.items()},
         "ranges": as_lists(ranges),  # belongs to params_ema
-        "ranges_params": as_lists(sim.ranges()),  # belongs to params (for resuming)
+        "ranges_params": as_lists(sim.ranges()),  # belongs to params
         "floor": as_lists(sim.floor()),  # range coverage: no learned range narrower (restored on resuming)
+        # the range parameters before the floor widens them, which a resumed run continues from
+        "learned_params": as_lists(sim.learned()),
+        "learned_ema": as_lists(ema.learned()),
     }
 
 
@@ -233,10 +236,11 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
             run.restore(saved, restart=False)
         except (KeyError, RuntimeError, ValueError) as error:
             raise InputError(options.resume, f"cannot resume from it ({str(error).splitlines()[0][:120]})") from None
-        _restore_ranges(run.model, saved["quantization"].get("ranges_params"), options.resume)
-        _restore_ranges(run.ema, saved["quantization"].get("ranges"), options.resume)
+        entry = saved["quantization"]
+        _restore_ranges(run.model, entry.get("learned_params", entry.get("ranges_params")), options.resume)
+        _restore_ranges(run.ema, entry.get("learned_ema", entry.get("ranges")), options.resume)
         for module in (run.model, run.ema):  # the floor of the run's own start (equalized weights), not of this one
-            module.set_floor(_checked_floor(saved["quantization"].get("floor", {}), module, options.resume))
+            module.set_floor(_checked_floor(entry.get("floor", {}), module, options.resume))
     if run.iteration >= options.iters:
         raise InputError(options.resume, f"already at iteration {run.iteration}; --iters {options.iters} leaves nothing to do")
     start = run.iteration

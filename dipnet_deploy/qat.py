@@ -167,6 +167,11 @@ class QuantSimDIPNet(nn.Module):
             self.floor_low.copy_(torch.tensor([floor.get(n, no_floor)[0] for n in self.names]))
             self.floor_high.copy_(torch.tensor([floor.get(n, no_floor)[1] for n in self.names]))
 
+    def learned(self) -> dict[str, tuple[float, float]]:
+        """The range parameters themselves (before the floor widens them): what a resumed run restores."""
+        low, high = self.low.detach().tolist(), self.high.detach().tolist()
+        return {name: (low[i], high[i]) for name, i in self.index.items()}
+
     def written(self) -> DIPNet:
         """A copy of the model with every conv weight on its int8 grid: the values the int8 model holds."""
         written = copy.deepcopy(self.model).eval()
