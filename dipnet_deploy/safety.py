@@ -21,12 +21,12 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from dipnet_deploy.checkpoint_archive import check_archive
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import SEAL_KEY, checkpoint_seal, sealed_json, sha256_file
 
 METRICS_SCHEMA_PREFIX = "dipnet-deploy-metrics/"
 JSON_BYTES_LIMIT = 1 << 26  # our cards, ranges and metrics are far smaller; a larger JSON is not ours
-CHECKPOINT_BYTES_LIMIT = 1 << 30  # our checkpoints are a few MB; a larger file at an output path is not ours
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -126,8 +126,9 @@ def _our_checkpoint(path: Path) -> bool:
     import torch
 
     try:
-        if path.is_symlink() or not path.is_file() or path.stat().st_size > CHECKPOINT_BYTES_LIMIT:
+        if path.is_symlink() or not path.is_file():
             return False
+        check_archive(path)  # bounded before torch.load: an output path may hold a crafted file
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a foreign or damaged file: not ours
         return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -62,8 +63,6 @@ def tiny(tmp_path_factory):
     fp32 = export(load_checkpoint(checkpoint), work / "m.onnx", ExportOptions(SIDE, SIDE)).onnx_path
     paths = write_images(work / "calib", 3, (96, 96))
     for path in paths:  # dull colours: a quarter of the value range around mid-grey
-        import cv2
-
         image = cv2.imread(str(path))
         cv2.imwrite(str(path), (96 + image // 4).astype(np.uint8))
     stress = [stress_image(i, EVALUATION_SEED, EVALUATION_HUES, sizes=((96, 128),))[1] for i in range(5)]
