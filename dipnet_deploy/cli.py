@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import math
@@ -43,8 +44,14 @@ def one_line(text: str) -> str:
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
+MESSAGE_LIMIT = 2000  # characters of one error line: a crafted name must not flood the terminal
+
+
 def fail(message: str) -> None:
-    click.echo(f"dipnet-deploy: error: {one_line(message)}", err=True)
+    line = one_line(message)
+    if len(line) > MESSAGE_LIMIT:
+        line = line[:MESSAGE_LIMIT - 1] + "…"
+    click.echo(f"dipnet-deploy: error: {line}", err=True)
     sys.exit(2)
 
 
@@ -58,7 +65,13 @@ def user_errors(command):
             return command(*args, **kwargs)
         except InputError as error:
             fail(str(error))
+        except RuntimeError as error:
+            if not str(error).startswith("Symlink loop from "):  # pathlib's resolve() on a loop of links
+                raise
+            fail(f"{str(error).removeprefix('Symlink loop from ')}: {os.strerror(errno.ELOOP)}")
         except OSError as error:
+            if error.errno in (errno.ELOOP, errno.ENAMETOOLONG):  # a path no file can have, wherever it is used
+                fail(f"{error.filename or 'a path'}: {error.strerror or os.strerror(error.errno)}")
             if not is_write_failure(error):
                 raise
             fail(f"{error.filename or 'an output'}: cannot write ({error.strerror or os.strerror(error.errno)})")

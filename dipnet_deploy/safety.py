@@ -31,29 +31,42 @@ JSON_BYTES_LIMIT = 1 << 26  # our cards, ranges and metrics are far smaller; a l
 
 def same_file(a: str | Path, b: str | Path) -> bool:
     """Whether ``a`` and ``b`` name the same file (links followed); see the module conventions."""
+    return file_identity(a) == file_identity(b)
+
+
+def file_identity(path: str | Path) -> tuple:
+    """What ``same_file`` compares: (device, inode) of an existing file (hard and symbolic links included),
+    else where the path would land once resolved (a dangling link counts as its target)."""
     try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet): compare where they would land
-        return Path(a).resolve() == Path(b).resolve()
+        info = os.stat(path)
+    except (OSError, ValueError):  # does not exist (yet), or cannot be a path at all
+        try:
+            return ("path", str(Path(path).resolve()))
+        except RuntimeError:  # a loop of symbolic links: it lands nowhere, and writing there fails in one line
+            return ("path", str(Path(path).absolute()))
+    return ("file", info.st_dev, info.st_ino)
 
 
 def refuse_collisions(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tuple[str, Path]]) -> None:
     """Refuse the first output that is the same file as an input or as an earlier output.
 
     ``outputs`` and ``inputs`` are (role, path) pairs; the role names the option or the derived
-    file (e.g. ``--output``, ``model card``) so that the one-line error says which is which.
+    file (e.g. ``--output``, ``model card``) so that the one-line error says which is which. Each path
+    is looked up once (``file_identity``): linear in the number of files, for folders of thousands.
     """
-    inputs = [(role, Path(path)) for role, path in inputs]
-    seen: list[tuple[str, Path]] = []
+    by_identity: dict[tuple, tuple[str, Path]] = {}
+    for role, path in inputs:
+        by_identity.setdefault(file_identity(path), (role, Path(path)))
+    seen: dict[tuple, tuple[str, Path]] = {}
     for role, path in outputs:
         path = Path(path)
-        for other_role, other in inputs:
-            if same_file(path, other):
-                raise InputError(path, f"{role} is the same file as {other_role} {other}; refusing to overwrite an input")
-        for other_role, other in seen:
-            if same_file(path, other):
-                raise InputError(path, f"{role} and {other_role} are the same file; give them different names")
-        seen.append((role, path))
+        identity = file_identity(path)
+        if identity in by_identity:
+            other_role, other = by_identity[identity]
+            raise InputError(path, f"{role} is the same file as {other_role} {other}; refusing to overwrite an input")
+        if identity in seen:
+            raise InputError(path, f"{role} and {seen[identity][0]} are the same file; give them different names")
+        seen[identity] = (role, path)
 
 
 def our_report_files(directory: str | Path) -> dict[str, str] | None:

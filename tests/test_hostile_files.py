@@ -330,3 +330,37 @@ def test_report_on_an_image_whose_name_is_not_utf8(work, invoke):
     json.loads(out.strip().splitlines()[-1])
     page = (work / "report" / "index.html").read_text(encoding="utf-8")
     assert "caf\ufffd-\ufffd.png" in page
+
+
+# --------------------------------------------------------------------------- paths no file can have
+
+
+def test_a_loop_of_links_and_an_overlong_name_are_one_line(work, invoke, tmp_path):
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    before = snapshot(work)
+    for output in (tmp_path / "loop1", tmp_path / ("a" * 300 + ".onnx")):
+        code, _, err = invoke("export", "--checkpoint", work / "w.pth", "--height", "40", "--width", "40", "-o", output)
+        lines = [line for line in err.strip().splitlines() if line.startswith("dipnet-deploy:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert len(lines[0]) < 2100  # a crafted name is cut, never echoed whole
+    code, _, err = invoke("upscale", work / "hr", "--model", work / "m.int8.onnx", "-o", tmp_path / "loop1" / "up")
+    assert code == 2 and "Traceback" not in err and "symbolic links" in err, err
+    assert snapshot(work) == before
+
+
+def test_collisions_look_each_path_up_once(monkeypatch, tmp_path):
+    """upscale plans thousands of outputs against thousands of inputs: pairwise checks were quadratic."""
+    from dipnet_deploy import safety
+
+    inputs = [("an input", tmp_path / f"in{i}.png") for i in range(500)]
+    for _, path in inputs[:250]:
+        path.write_bytes(b"x")
+    outputs = [("an output", tmp_path / "out" / f"in{i}.png") for i in range(500)]
+    calls = []
+    real = safety.os.stat
+    monkeypatch.setattr(safety.os, "stat", lambda path, *a, **k: calls.append(path) or real(path, *a, **k))
+    safety.refuse_collisions(outputs, inputs)
+    assert len(calls) < 5 * (len(inputs) + len(outputs))  # linear (pairwise: 250,000 and more)
+    with pytest.raises(Exception, match="same file as an input"):
+        safety.refuse_collisions([("an output", tmp_path / "." / "in3.png")], inputs)
