@@ -42,6 +42,9 @@ ITEM_BYTES = {TensorProto.FLOAT: 4, TensorProto.FLOAT16: 2, TensorProto.BFLOAT16
               TensorProto.BOOL: 1}
 # every tensor of the graphs written is at most 2.7 times the output (x2: 32 trunk channels vs 12 = 3 x 2 x 2)
 MAX_TENSOR_TO_OUTPUT = 64
+# multiply-accumulates (Conv) and compared elements (MaxPool windows) per output value: x2 DIPNet needs
+# 7,800, x4-ntire 4,700; 16 times the larger bounds the compute a small crafted file can ask for
+MAX_WORK_PER_OUTPUT = 128_000
 
 
 def _one_line(error: Exception, limit: int = 200) -> str:
@@ -87,7 +90,23 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except Exception as error:  # onnx.checker.ValidationError, or protobuf errors on odd fields
         raise InputError(path, f"not a valid ONNX model ({_one_line(error)})") from None
+    _check_loads_in_onnxruntime(model, path)
     return model
+
+
+def _check_loads_in_onnxruntime(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a graph onnxruntime will not load (an opset it does not know, a Conv group its input cannot
+    have: what onnx's checker lets through), in one line here rather than a traceback in a stage. The
+    session is built without optimizations and never run: it allocates no activations."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4  # its own error is reported below, once
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime raises its own types (Fail, InvalidGraph, NotImplemented)
+        raise InputError(path, f"onnxruntime cannot load it ({_one_line(error)})") from None
 
 
 def check_graph(model: onnx.ModelProto, path: Path) -> None:
@@ -184,6 +203,31 @@ def _inferable(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def _check_work(inferred: onnx.GraphProto, shapes: dict, model: onnx.ModelProto, path: Path, role: str,
+                outputs: int) -> None:
+    """Refuse a Conv whose input cannot have its group, and a graph whose Conv and MaxPool work exceeds
+    ``MAX_WORK_PER_OUTPUT`` per output value, from the inferred shapes, before anything runs."""
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    work = 0
+    for node in inferred.node:
+        if node.op_type not in ("Conv", "MaxPool") or node.output[0] not in shapes or node.input[0] not in shapes:
+            continue
+        produced, read = _fixed_dims(shapes[node.output[0]]), _fixed_dims(shapes[node.input[0]])
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Conv":
+            kernel = weights.get(node.input[1]) or _fixed_dims(shapes.get(node.input[1], onnx.ValueInfoProto()))
+            if not kernel or not read or not produced or read[1] != kernel[1] * attributes.get("group", 1):
+                raise InputError(path, f"{role}: a Conv's input channels do not fit its weights and group "
+                                       "(not a model onnxruntime can run)")
+            work += math.prod(produced) * math.prod(kernel[1:])
+        elif produced:
+            work += math.prod(produced) * math.prod(attributes.get("kernel_shape", [1]))
+    if work > MAX_WORK_PER_OUTPUT * outputs:
+        raise InputError(path, f"{role}: its Conv and MaxPool work, {work / outputs:,.0f} operations per output value, "
+                               f"is over {MAX_WORK_PER_OUTPUT:,} (a super-resolution model of this kind needs "
+                               "under 10,000)")
+
+
 def _fixed_dims(value: onnx.ValueInfoProto) -> list[int] | None:
     """The shape of a tensor when every dimension is a number >= 0 (a scalar's is []), else None."""
     tensor_type = value.type.tensor_type
@@ -223,7 +267,12 @@ def sr_model_shape(model: onnx.ModelProto, path: Path, role: str) -> tuple[list[
         inferred = onnx.shape_inference.infer_shapes(_inferable(model), check_type=True, strict_mode=True).graph
     except Exception as error:
         raise InputError(path, f"{role}: not a valid ONNX model ({_one_line(error)})") from None
-    shapes = {value.name: value for value in (*inferred.value_info, *inferred.output)}
+    from dipnet_deploy.imageio import max_pixels
+
+    if out[2] * out[3] > max_pixels():  # the output of one forward is an image like any other
+        raise InputError(path, f"{role}: its output, {out[3]}x{out[2]}, is larger than the image size limit "
+                               f"({max_pixels() / 1e6:g} megapixels; --max-megapixels raises it)")
+    shapes = {value.name: value for value in (*inferred.input, *inferred.value_info, *inferred.output)}
     limit = MAX_TENSOR_TO_OUTPUT * math.prod(out)
     for name in (name for node in inferred.node for name in node.output if name):  # "": an omitted output
         dims = _fixed_dims(shapes[name]) if name in shapes else None
@@ -234,4 +283,5 @@ def sr_model_shape(model: onnx.ModelProto, path: Path, role: str) -> tuple[list[
             raise InputError(path, f"{role}: tensor {name} is {'x'.join(map(str, dims))}, over "
                                    f"{MAX_TENSOR_TO_OUTPUT} times the output's size (not a super-resolution model "
                                    "of this kind)")
+    _check_work(inferred, shapes, model, path, role, math.prod(out))
     return shape, scale

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -364,3 +366,46 @@ def test_collisions_look_each_path_up_once(monkeypatch, tmp_path):
     assert len(calls) < 5 * (len(inputs) + len(outputs))  # linear (pairwise: 250,000 and more)
     with pytest.raises(Exception, match="same file as an input"):
         safety.refuse_collisions([("an output", tmp_path / "." / "in3.png")], inputs)
+
+
+# --------------------------------------------------------------------------- graphs that cost more than they weigh
+
+
+def _graph(path: Path, side: int, nodes: list, initializers: list) -> Path:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        nodes + [helper.make_node("DepthToSpace", ["pre"], ["output"], blocksize=2)], "crafted",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 2 * side, 2 * side])], initializers)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _weight(name: str, shape: list[int]):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.full(shape, 0.01, np.float32), name)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("pool_window", "work"), ("group", "group"), ("output_size", "image size limit")])
+def test_small_graphs_asking_for_unbounded_work_or_memory_are_refused(case, words, work, invoke, tmp_path):
+    """A few KB of ONNX declaring a 1001x1001 MaxPool window, a Conv group its input cannot have, or a 12,000 px
+    output: refused from the declarations, before any session runs."""
+    from onnx import helper
+
+    conv = helper.make_node("Conv", ["pooled" if case == "pool_window" else "input", "w"], ["pre"],
+                            pads=[1, 1, 1, 1], group=3 if case == "group" else 1)
+    side = 6000 if case == "output_size" else 64
+    nodes = [conv]
+    if case == "pool_window":
+        nodes.insert(0, helper.make_node("MaxPool", ["input"], ["pooled"], kernel_shape=[1001, 1001],
+                                         pads=[500, 500, 500, 500]))
+    path = _graph(tmp_path / f"{case}.onnx", side, nodes, [_weight("w", [12, 3, 3, 3])])
+    for command in (["upscale", work / "hr", "--model", path, "-o", tmp_path / "up"],
+                    ["quantize", "--model", path, "--calib", work / "calib", "-o", tmp_path / "q.int8.onnx"]):
+        code, _, err = invoke(*command)
+        lines = [line for line in err.strip().splitlines() if line.startswith("dipnet-deploy:")]
+        assert code == 2 and len(lines) == 1 and words in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "up").exists() and not (tmp_path / "q.int8.onnx").exists()
