@@ -267,11 +267,13 @@ def sr_model_shape(model: onnx.ModelProto, path: Path, role: str) -> tuple[list[
         inferred = onnx.shape_inference.infer_shapes(_inferable(model), check_type=True, strict_mode=True).graph
     except Exception as error:
         raise InputError(path, f"{role}: not a valid ONNX model ({_one_line(error)})") from None
-    from dipnet_deploy.imageio import max_pixels
+    from dipnet_deploy.imageio import DEFAULT_MAX_MEGAPIXELS, max_pixels
 
-    if out[2] * out[3] > max_pixels():  # the output of one forward is an image like any other
+    # one forward's output is held whole: bounded like an image (a lowered image limit leaves models alone)
+    output_limit = max(max_pixels(), DEFAULT_MAX_MEGAPIXELS * 1e6)
+    if out[2] * out[3] > output_limit:
         raise InputError(path, f"{role}: its output, {out[3]}x{out[2]}, is larger than the image size limit "
-                               f"({max_pixels() / 1e6:g} megapixels; --max-megapixels raises it)")
+                               f"({output_limit / 1e6:g} megapixels; --max-megapixels raises it)")
     shapes = {value.name: value for value in (*inferred.input, *inferred.value_info, *inferred.output)}
     limit = MAX_TENSOR_TO_OUTPUT * math.prod(out)
     for name in (name for node in inferred.node for name in node.output if name):  # "": an omitted output
