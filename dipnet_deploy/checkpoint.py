@@ -20,7 +20,7 @@ import torch
 
 from dipnet_deploy.archs.dipnet_arch import DIPNet
 from dipnet_deploy.archs.dipnet_train_arch import REP_CONVS, build_train_model, fold_state_dict, is_training_form
-from dipnet_deploy.checkpoint_archive import MAX_CHECKPOINT_BYTES, check_archive
+from dipnet_deploy.checkpoint_archive import MAX_CHECKPOINT_BYTES, load_archive
 from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
@@ -41,14 +41,13 @@ class LoadedCheckpoint:
 
 
 def load_file(path: str | Path) -> dict:
-    """``torch.load(weights_only=True)`` of a checkpoint file within the size limits (``check_archive``),
+    """``torch.load(weights_only=True)`` of a checkpoint file within the size limits (``load_archive``),
     with one-line errors for bad files."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such checkpoint file")
     try:
-        check_archive(path)
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_archive(path)
     except OSError as error:
         raise InputError(path, f"cannot be read ({error.strerror or error})") from None
     except InputError:

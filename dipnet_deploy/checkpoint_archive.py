@@ -9,6 +9,7 @@ directory, its records (as unpacked) and its pickle may declare at most ``MAX_DI
 from __future__ import annotations
 
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
@@ -23,6 +24,18 @@ MAX_DIRECTORY_BYTES = 1 << 20  # zipfile builds an object of some 400 bytes per 
 ZIP_MAGIC = b"PK\x03\x04"
 LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pickle of torch's magic number
 
+
+
+def load_archive(path: Path):
+    """``torch.load(weights_only=True)`` of ``path`` once ``check_archive`` passes it, with torch's warnings
+    silenced: rebuilding quantized tensors (qint8...) or old storage types warns in several lines, and such
+    weights are then refused in one line (``checkpoint.check_state_dict``), or the file is not ours."""
+    import torch
+
+    check_archive(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def check_archive(path: Path) -> None:

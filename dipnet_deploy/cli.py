@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib
@@ -17,7 +18,7 @@ from dipnet_deploy import __version__, leftovers
 from dipnet_deploy.artifacts import DEFAULT_FP32, DEFAULT_INT8, default_checkpoint, default_fp32_path, default_int8_path
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import is_write_failure, json_text
+from dipnet_deploy.fileio import is_write_failure, json_text, removing_empty_folders
 from dipnet_deploy.runtime import RUNTIMES
 
 
@@ -56,8 +57,9 @@ def fail(message: str) -> None:
 
 
 def user_errors(command):
-    """Turn InputError, and a write that found no room (``fileio.WRITE_FAILURES``, where no stage named the
-    file), into one stderr line and exit code 2 (no traceback)."""
+    """Turn InputError, a write that found no room (``fileio.WRITE_FAILURES``, where no stage named the
+    file) and memory the machine could not give (where no runtime named the model) into one stderr line and
+    exit code 2 (no traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -65,6 +67,8 @@ def user_errors(command):
             return command(*args, **kwargs)
         except InputError as error:
             fail(str(error))
+        except MemoryError as error:  # numpy's names the array it could not allocate
+            fail(f"out of memory ({error or 'MemoryError'})")
         except RuntimeError as error:
             if not str(error).startswith("Symlink loop from "):  # pathlib's resolve() on a loop of links
                 raise
@@ -79,35 +83,56 @@ def user_errors(command):
     return wrapper
 
 
+# signals that end a run with the clean-up of Ctrl-C: SIGTERM (schedulers, ``timeout``), SIGHUP (the terminal
+# closed), SIGQUIT (Ctrl-\, whose default would dump core and skip every clean-up)
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (what schedulers and ``timeout`` send), raised where the program is: every clean-up that
-    Ctrl-C runs (temporary files, worker processes) runs for it too."""
+    """One of ``TERMINATING_SIGNALS`` (``signum``), raised where the program is: every clean-up that Ctrl-C
+    runs (temporary files, worker processes) runs for it too."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _terminate(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    raise Terminated()
+    for each in TERMINATING_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(each, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _stopped(abort: click.exceptions.Abort) -> None:
+    """Say why the run stopped and exit: 130 for Ctrl-C, 128 + the signal's number for a terminating signal."""
+    cause = abort.__cause__
+    if isinstance(cause, Terminated):
+        name = "" if cause.signum == signal.SIGTERM else f" ({signal.Signals(cause.signum).name})"
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            click.echo(f"dipnet-deploy: terminated{name}", err=True)
+        sys.exit(128 + cause.signum)
+    click.echo("dipnet-deploy: interrupted", err=True)
+    sys.exit(130)
 
 
 def run() -> None:
-    """Console entry point: click usage errors also become one line and exit code 2; Ctrl-C exits 130 and
-    SIGTERM 143, after the same clean-up. What killed runs left (``leftovers``) is removed first."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    """Console entry point: click usage errors also become one line and exit code 2; Ctrl-C exits 130, SIGTERM
+    143 (SIGHUP 129, SIGQUIT 131), after the same clean-up. What killed runs left (``leftovers``) is removed
+    first; folders the run made for outputs and left empty (it failed, or was stopped) are removed last."""
+    previous = {each: signal.signal(each, _terminate) for each in TERMINATING_SIGNALS}
     try:
         leftovers.sweep()
-        main.main(standalone_mode=False)
+        with removing_empty_folders():
+            main.main(standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.ClickException as error:
         fail(error.format_message().replace("\n", " "))
     except click.exceptions.Abort as abort:  # click's form of KeyboardInterrupt; outputs are atomic, none is partial
-        if isinstance(abort.__cause__, Terminated):
-            click.echo("dipnet-deploy: terminated", err=True)
-            sys.exit(128 + signal.SIGTERM)
-        click.echo("dipnet-deploy: interrupted", err=True)
-        sys.exit(130)
+        _stopped(abort)
     finally:
-        signal.signal(signal.SIGTERM, previous)  # for a caller that runs the command in its own process (tests)
+        for each, handler in previous.items():  # for a caller that runs the command in its own process (tests)
+            signal.signal(each, handler)
 
 
 json_option = click.option("--json", "as_json", is_flag=True,

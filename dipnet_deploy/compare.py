@@ -26,7 +26,7 @@ import numpy as np
 
 from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.cluster import RayOptions, import_ray
-from dipnet_deploy.errors import InputError
+from dipnet_deploy.errors import InputError, RunEndingError
 from dipnet_deploy.fileio import sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, to_uint8_rgb, vendor_preprocess
 from dipnet_deploy.matlab_resize import imresize
@@ -179,6 +179,8 @@ def make_scorer(model_paths: dict[str, str], threads: int, protocol: str, scale:
     for name, path in model_paths.items():
         try:
             runners[name] = TiledRunner(path, threads, runtime=runtime)
+        except InputError:  # already one line naming the model (too small to tile, no memory for it)
+            raise
         except Exception as error:  # a runtime's own exception types: one line naming the model
             raise InputError(path, f"{runtime} cannot load the --{name} model ({type(error).__name__}: {error})") from None
     return Scorer(runners, protocol, scale)
@@ -194,6 +196,8 @@ def score_file(scorer: Scorer, path: str) -> tuple[str, dict | None, str | None]
         return path, None, f"skipped {path}: {problem}"
     try:
         row = evaluate_image(hr, scorer.runners, scorer.protocol, scorer.scale)["row"]
+    except RunEndingError:  # no memory for the model: no other image would fare better
+        raise
     except Exception as error:  # one image the runtime fails on (memory, a kernel error) must not end the run
         return path, None, f"skipped {path}: failed to evaluate ({type(error).__name__}: {error})"
     row["image"], row["notes"] = path, notes
@@ -201,16 +205,31 @@ def score_file(scorer: Scorer, path: str) -> tuple[str, dict | None, str | None]
 
 
 _POOL_SCORER: Scorer | InputError | None = None  # a pool process's scorer: an initializer can only leave a global
+# what a terminal sends to every process of the job (Ctrl-C, Ctrl-\, hang-up): the parent handles them (cli.run)
+# and stops the pool with SIGTERM after its clean-up; the pool's processes never see them
+JOB_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+
+
+@contextlib.contextmanager
+def job_signals_blocked():
+    """``JOB_SIGNALS`` blocked in this thread inside the block, and so in every process started from it (a
+    blocked mask survives exec) and every thread it starts: the pool's workers, the threads that respawn them,
+    and multiprocessing's resource tracker (which ignores only SIGINT and SIGTERM; killed by SIGHUP, it
+    is relaunched with tracebacks). A signal that arrives meanwhile is handled when the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _init_pool_worker(*args) -> None:
-    """``make_scorer`` in a pool process, which leaves Ctrl-C to the parent (it stops the pool).
+    """``make_scorer`` in a pool process (``JOB_SIGNALS`` reach it blocked: the parent handles them).
 
     A failure is kept for ``_pool_score`` to raise: an initializer that raises makes the pool respawn
     workers forever, and the run would hang.
     """
     global _POOL_SCORER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _POOL_SCORER = make_scorer(*args)
     except InputError as error:
@@ -331,8 +350,9 @@ def _scorings(files: list[Path], scorer_args: tuple, options: CompareOptions,
     if workers == 1:
         scorer = make_scorer(model_paths, threads, protocol, scale, runtime)
         return (score_file(scorer, path) for path in paths), execution, scorer
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_pool_worker, (model_paths, threads, protocol,
-                                                                                  scale, runtime))
+    with job_signals_blocked():
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_pool_worker, (model_paths, threads, protocol,
+                                                                                      scale, runtime))
     # every result is in when the stack closes, unless an error or Ctrl-C stops the run: then stop at once
     stack.callback(pool.join)
     stack.callback(pool.terminate)

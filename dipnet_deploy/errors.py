@@ -17,6 +17,14 @@ class InputError(Exception):
         return type(self), (self.where, self.problem)
 
 
-class WriteError(InputError):
-    """An output could not be stored (full disk, quota, file-size limit, read-only device): it ends the run,
-    where a bad input among several is only skipped."""
+class RunEndingError(InputError):
+    """A failure no later input of the run could escape: it ends the run, where a bad input among several is
+    only skipped."""
+
+
+class WriteError(RunEndingError):
+    """An output could not be stored (full disk, quota, file-size limit, read-only device)."""
+
+
+class OutOfMemoryError(RunEndingError):
+    """A runtime could not allocate the memory a forward of the model (named by ``where``) needs."""

@@ -7,7 +7,10 @@ Conventions:
 - every JSON and checkpoint we write carries a ``seal``: the sha256 of its own content, which a
   file of the user's does not carry by accident (``safety.written_by_us`` checks it);
 - every temporary file and scratch folder is recorded in a journal (``leftovers.py``), so that the
-  next run removes what a killed run (SIGKILL) left, and only that.
+  next run removes what a killed run (SIGKILL) left, and only that;
+- every folder made for an output (``make_folders``) inside a ``removing_empty_folders`` block (the CLI
+  runs each command in one) is removed at the end of the block if it is still empty: a failed or
+  interrupted run leaves no empty folders behind, and never removes one it did not make.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,13 +72,53 @@ def refuse_without_room(folder: str | Path, size: int) -> None:
             os.unlink(name)
 
 
+_made_folders: list[list[tuple[str, int, int]]] = []  # per open removing_empty_folders block: (path, device, inode)
+
+
+def make_folders(folder: str | Path) -> None:
+    """``folder`` and its missing parents made (``mkdir -p``); each one made here is recorded in the innermost
+    ``removing_empty_folders`` block. A folder that exists, or that another process makes meanwhile, is not."""
+    folder = Path(folder)
+    missing = []
+    for candidate in (folder, *folder.parents):
+        if os.path.isdir(candidate):
+            break
+        missing.append(candidate)
+    for candidate in reversed(missing):
+        try:
+            os.mkdir(candidate)
+        except FileExistsError:
+            if not os.path.isdir(candidate):
+                raise
+            continue  # another process made it between the look and the mkdir: not ours
+        if _made_folders:
+            info = os.lstat(candidate)
+            _made_folders[-1].append((os.path.abspath(candidate), info.st_dev, info.st_ino))
+
+
+@contextlib.contextmanager
+def removing_empty_folders() -> Iterator[None]:
+    """At the end of the block, however it ends, remove every folder ``make_folders`` made in it that is still
+    empty, deepest first, and only while it is the very folder made (same device and inode, not a link): an
+    output that was never written leaves no folder of ours, and a file put there keeps its folder."""
+    _made_folders.append([])
+    try:
+        yield
+    finally:
+        for path, device, inode in reversed(_made_folders.pop()):
+            with contextlib.suppress(OSError):  # gone, replaced, or not empty: not ours to remove
+                info = os.lstat(path)
+                if (info.st_dev, info.st_ino) == (device, inode) and stat.S_ISDIR(info.st_mode):
+                    os.rmdir(path)  # refuses a folder that is not empty
+
+
 def ensure_parent(path: str | Path) -> Path:
-    """Create the parent directory of ``path``; refuse paths that cannot be written."""
+    """Create the parent directory of ``path`` (``make_folders``); refuse paths that cannot be written."""
     path = Path(path)
     if path.is_dir():
         raise InputError(path, "is a directory, expected a file path")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folders(path.parent)
     except OSError as error:
         raise InputError(path, f"cannot create the output directory ({error.strerror})") from None
     if not os.access(path.parent, os.W_OK):

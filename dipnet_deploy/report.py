@@ -15,7 +15,6 @@ Pictures are PNG files beside index.html (and embedded in it, so the page is sel
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import os
@@ -34,7 +33,14 @@ from dipnet_deploy import leftovers  # noqa: E402
 from dipnet_deploy.artifacts import TOOL  # noqa: E402
 from dipnet_deploy.compare import METRICS, Comparison  # noqa: E402
 from dipnet_deploy.errors import InputError  # noqa: E402
-from dipnet_deploy.fileio import json_bytes, refuse_unwritable, sha256_file, write_failures_named  # noqa: E402
+from dipnet_deploy.fileio import (  # noqa: E402
+    json_bytes,
+    make_folders,
+    refuse_unwritable,
+    removing_empty_folders,
+    sha256_file,
+    write_failures_named,
+)
 from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, our_report_files, refuse_collisions  # noqa: E402
 
 COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
@@ -284,29 +290,24 @@ def write_report(comparison: Comparison, report_dir: Path) -> dict:
     """
     report_dir = Path(report_dir)
     check_report_dir(report_dir, [(f"--{name}", info.path) for name, info in comparison.models.items()])
-    created = not report_dir.exists()
-    try:
-        report_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))
-    except OSError as error:
-        raise InputError(report_dir, f"cannot write the report ({error.strerror})") from None
-    leftovers.record(staging)
-    finished = False
-    try:
-        with write_failures_named(report_dir):
-            document = _stage_report(comparison, staging)
+    with removing_empty_folders():  # a report folder made here that stays empty (the run failed) goes again
         try:
-            for name in REPORT_FILES:
-                os.replace(staging / name, report_dir / name)
+            make_folders(report_dir)
+            staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=report_dir))
         except OSError as error:
-            raise InputError(report_dir / name, f"cannot write the report file ({error.strerror})") from None
-        finished = True
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)  # our own staging folder only
-        leftovers.forget(staging)
-        if created and not finished:
-            with contextlib.suppress(OSError):
-                report_dir.rmdir()  # only when still empty
+            raise InputError(report_dir, f"cannot write the report ({error.strerror})") from None
+        leftovers.record(staging)
+        try:
+            with write_failures_named(report_dir):
+                document = _stage_report(comparison, staging)
+            try:
+                for name in REPORT_FILES:
+                    os.replace(staging / name, report_dir / name)
+            except OSError as error:
+                raise InputError(report_dir / name, f"cannot write the report file ({error.strerror})") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # our own staging folder only
+            leftovers.forget(staging)
     return document
 
 

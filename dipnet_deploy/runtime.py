@@ -9,18 +9,28 @@ cores). OpenVINO is an optional extra (``pip install 'dipnet-deploy[openvino]'``
 ONNX file (QDQ int8 included) with its own API on the CPU, at fp32 inference precision (OpenVINO
 would otherwise run float parts in bf16 on CPUs that have it, which is not the model that was
 measured).
+
+A forward runs in a helper thread while the calling (main) thread waits for it (``interruptible``): Python
+runs a signal handler only between bytecodes of the main thread, so Ctrl-C or SIGTERM would otherwise wait
+for a forward of seconds or minutes to end. On a signal the forward is told to stop (onnxruntime's
+``RunOptions.terminate``, OpenVINO's ``cancel``) and waited for. A runtime that cannot allocate what a
+forward or a session needs is one ``OutOfMemoryError`` naming the model; any other error goes on as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
-from dipnet_deploy.errors import InputError
+from dipnet_deploy.errors import InputError, OutOfMemoryError
 from dipnet_deploy.progress import Progress, no_progress
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -28,6 +38,11 @@ MAX_THREADS_PER_CORE = 4  # more threads (or parallel sessions) than this per co
 SESSION_BYTES_PER_INPUT_PIXEL = 1024  # rough peak of one DIPNet-sized forward: ~64 live float channels x 4 tensors
 FULL_HD_PIXELS = 1920 * 1080  # latencies are reported per 1080p-equivalent frame: seconds x FULL_HD_PIXELS / (H x W)
 OPENVINO_INSTALL = "OpenVINO is not installed: pip install 'dipnet-deploy[openvino]' (or: pip install openvino)"
+ORT_LOG_FATAL_ONLY = 4  # onnxruntime logs a failed forward itself, in colour and several lines: we say it in one
+# what a runtime's failure to allocate says (onnxruntime's arena, C++'s std::bad_alloc as the runtimes word it)
+ALLOCATION_FAILURE = re.compile(r"Failed to allocate memory(?:[^\n]*?of size (\d+))?|bad.alloc|bad allocation")
+WAIT_SLICE_S = 0.1  # the waiting thread looks for a signal this often, should the kernel hand it to another thread
+T = TypeVar("T")
 
 
 def check_parallelism(count: int | None, option: str, input_shape: list[int] | None = None,
@@ -49,30 +64,97 @@ def check_parallelism(count: int | None, option: str, input_shape: list[int] | N
                                      f"need about {need / 2**30:,.0f} GiB, more than this machine's {have / 2**30:,.0f} GiB")
 
 
+@contextlib.contextmanager
+def allocation_failures_named(model: str | Path, runtime: str) -> Iterator[None]:
+    """Turn a runtime's failure to allocate memory inside the block (``MemoryError``, or an error of the
+    runtime's own type whose message is ``ALLOCATION_FAILURE``) into one ``OutOfMemoryError`` naming ``model``;
+    any other error goes on as it is (a wrong input or a bug of ours keeps its traceback)."""
+    try:
+        yield
+    except MemoryError:
+        raise OutOfMemoryError(model, f"{runtime} ran out of memory for this model") from None
+    except Exception as error:
+        found = ALLOCATION_FAILURE.search(str(error))
+        if found is None:
+            raise
+        size = f" (could not allocate {int(found.group(1)) / 2**20:,.0f} MiB)" if found.group(1) else ""
+        raise OutOfMemoryError(model, f"{runtime} ran out of memory for this model{size}") from None
+
+
+def interruptible(forward: Callable[[], T], stop: Callable[[], None]) -> T:
+    """``forward()``, run in a helper thread while this thread waits, so that a signal handler (Ctrl-C,
+    SIGTERM) runs here at once; whatever it raises (or any exception in the wait) first calls ``stop()`` (it
+    asks the forward to end) and waits for the forward. Off the main thread, where no handler runs,
+    ``forward()`` runs directly. The runtimes release the GIL during a forward, so the wait costs it nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return forward()
+    outcome: dict = {}
+    # an Event, not Thread.join: a join that a signal handler's exception interrupts marks the thread as
+    # ended while it still runs (Python 3.11, bpo-45274)
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            outcome["value"] = forward()
+        except BaseException as error:  # handed to the waiting thread, which raises it
+            outcome["error"] = error
+        finally:
+            done.set()
+
+    helper = threading.Thread(target=target, name="dipnet-forward", daemon=True)
+    helper.start()
+    try:
+        while not done.wait(WAIT_SLICE_S):
+            pass
+    except BaseException:
+        stop()
+        while not done.is_set():  # a forward still inside the runtime when Python exits aborts the process
+            with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: the stop takes one operation
+                done.wait()
+        raise
+    helper.join()
+    if "error" in outcome:
+        raise outcome.pop("error")
+    return outcome["value"]
+
+
 class OrtSession:
     """onnxruntime CPU session (default graph optimizations, sequential execution)."""
 
     def __init__(self, model: str | Path, threads: int | None):
         import onnxruntime as ort
 
+        self.model = model
         options = ort.SessionOptions()
+        options.log_severity_level = ORT_LOG_FATAL_ONLY
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        with allocation_failures_named(model, "onnxruntime"):
+            self.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
         self.output_shape = tuple(self.session.get_outputs()[0].shape)
         self.binding = self.session.io_binding()
 
     def run(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        import onnxruntime as ort
+
+        options = ort.RunOptions()  # one per forward: once told to terminate, it stays so
+        options.log_severity_level = ORT_LOG_FATAL_ONLY
         if out is None:
-            return self.session.run(None, {self.input_name: x})[0]
+            return self._forward(lambda: self.session.run(None, {self.input_name: x}, options)[0], options)
         check_output_buffer(out, self.output_shape)
         self.binding.bind_cpu_input(self.input_name, x)
         self.binding.bind_output(self.output_name, "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
-        self.session.run_with_iobinding(self.binding)
-        self.binding.clear_binding_outputs()  # hold no pointer to the caller's buffer between calls
+        try:
+            self._forward(lambda: self.session.run_with_iobinding(self.binding, options), options)
+        finally:
+            self.binding.clear_binding_outputs()  # hold no pointer to the caller's buffer between calls
         return out
+
+    def _forward(self, forward: Callable[[], T], options) -> T:
+        with allocation_failures_named(self.model, "onnxruntime"):
+            return interruptible(forward, lambda: setattr(options, "terminate", True))
 
 
 class OpenVinoSession:
@@ -80,11 +162,13 @@ class OpenVinoSession:
 
     def __init__(self, model: str | Path, threads: int | None):
         ov = import_openvino()
+        self.model = model
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.request = core.compile_model(core.read_model(str(model)), "CPU", config).create_infer_request()
+        with allocation_failures_named(model, "OpenVINO"):
+            self.request = core.compile_model(core.read_model(str(model)), "CPU", config).create_infer_request()
         self.own_output = self.request.get_output_tensor(0)
         self.output_shape = tuple(self.own_output.shape)
         self.bound: np.ndarray | None = None  # the caller's ``out`` the request writes into
@@ -93,7 +177,8 @@ class OpenVinoSession:
         if out is not None:
             check_output_buffer(out, self.output_shape)
         self._bind(out)
-        self.request.infer({0: x})
+        with allocation_failures_named(self.model, "OpenVINO"):
+            interruptible(lambda: self.request.infer({0: x}), self.request.cancel)
         return self.request.get_output_tensor(0).data.copy() if out is None else out
 
     def _bind(self, out: np.ndarray | None) -> None:

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from dipnet_deploy.checkpoint_archive import check_archive
+from dipnet_deploy.checkpoint_archive import load_archive
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import SEAL_KEY, checkpoint_seal, sealed_json, sha256_file
 
@@ -136,13 +136,10 @@ def _sha256(path: Path) -> str | None:
 
 
 def _our_checkpoint(path: Path) -> bool:
-    import torch
-
     try:
         if path.is_symlink() or not path.is_file():
             return False
-        check_archive(path)  # bounded before torch.load: an output path may hold a crafted file
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = load_archive(path)  # bounded before torch.load: an output path may hold a crafted file
     except Exception:  # a foreign or damaged file: not ours
         return False
     return isinstance(data, dict) and isinstance(data.get(SEAL_KEY), str) and data[SEAL_KEY] == checkpoint_seal(data)

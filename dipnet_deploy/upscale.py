@@ -34,8 +34,8 @@ import numpy as np
 
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.compare import inspect_model
-from dipnet_deploy.errors import InputError, WriteError
-from dipnet_deploy.fileio import atomic_path, refuse_unwritable, temp_beside, write_bytes_atomic
+from dipnet_deploy.errors import InputError, RunEndingError
+from dipnet_deploy.fileio import atomic_path, refuse_unwritable, removing_empty_folders, temp_beside, write_bytes_atomic
 from dipnet_deploy.imageio import IMAGE_SUFFIXES, not_a_file, read_rgb8, to_uint8_rgb, unreadable_folder
 from dipnet_deploy.progress import Progress, no_progress, ticks
 from dipnet_deploy.runtime import check_parallelism, check_runtime
@@ -195,7 +195,6 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
         return result
     declared = {job.source: count_frames(job.source) for job in todo if job.video}  # from the headers
     total = sum(declared.get(job.source, 1) for job in todo) or None  # None: unknown
-    made = {folder for job in todo for folder in (job.target.parent, *job.target.parent.parents) if not folder.exists()}
     began = time.perf_counter()
     failures = []
 
@@ -209,13 +208,13 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
         result.written.append(job.target)
 
     def failed(error: InputError) -> None:
-        if len(jobs) == 1 or isinstance(error, WriteError):  # the one input given, or no room for any output
+        if len(jobs) == 1 or isinstance(error, RunEndingError):  # the one input given, or no room/memory for any
             raise error
         failures.append(error)
         result.skipped.append(str(error))
         warn(f"warning: skipped {error}")
 
-    try:
+    with removing_empty_folders():  # the folders of outputs that were skipped or failed go again
         if options.ray is not None:
             result.execution = _upscale_on_ray(todo, model_path, options, lambda: ticks(progress, "upscale", total),
                                                warn, done, failed)
@@ -227,10 +226,6 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
                         done(job, upscale_job(runner, job, options, tick, warn))
                     except InputError as error:
                         failed(error)
-    finally:
-        for folder in sorted(made, key=lambda p: len(p.parts), reverse=True):  # folders we made that stayed empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
     result.seconds = time.perf_counter() - began
     if not result.written and failures:
         raise InputError(failures[-1].where, f"nothing upscaled ({len(failures)} input(s) unusable; last: "

@@ -22,8 +22,8 @@ import onnx
 import pytest
 import torch
 
-from dipnet_deploy import leftovers
-from dipnet_deploy.fileio import checkpoint_seal, json_bytes, sealed_json, sha256_file
+from dipnet_deploy import fileio, leftovers
+from dipnet_deploy.fileio import checkpoint_seal, json_bytes, make_folders, removing_empty_folders, sealed_json, sha256_file
 from dipnet_deploy.report import REPORT_FILES
 from dipnet_deploy.safety import written_by_us
 
@@ -316,6 +316,142 @@ def test_a_live_runs_temporaries_are_never_swept(tmp_path):
         assert len([p for p in state.iterdir() if p.name.startswith(f"{os.getpid()}-")]) >= 1
     finally:
         leftovers.forget(live)
+
+
+# --------------------------------------------------------------------------- SIGHUP, SIGQUIT, a long forward
+
+
+# every Python process started with this on its path (pool workers too) leaves a file named by its pid in
+# $DIPNET_TEST_MARKS as it starts a forward: the moment to send a signal
+FORWARD_MARK = """
+import os
+import onnxruntime
+real = onnxruntime.InferenceSession.run
+def run(self, *args, **kwargs):
+    open(os.path.join(os.environ["DIPNET_TEST_MARKS"], str(os.getpid())), "w").close()
+    return real(self, *args, **kwargs)
+onnxruntime.InferenceSession.run = run
+"""
+
+
+def _marking_forwards(tmp_path: Path) -> tuple[dict, Path]:
+    """The environment under which every process marks its forwards (``FORWARD_MARK``), and the marks' folder."""
+    site, marks = tmp_path / "site", tmp_path / "marks"
+    site.mkdir()
+    marks.mkdir()
+    (site / "sitecustomize.py").write_text(FORWARD_MARK)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    return {"PYTHONPATH": path, "DIPNET_TEST_MARKS": str(marks)}, marks
+
+
+def _slow_model(path: Path, side: int = 1024, width: int = 32, depth: int = 100) -> Path:
+    """A valid x2 model whose forward takes some 20 s on one thread (``depth`` 3x3 Convs of ``width`` channels
+    at ``side`` x ``side``), in a 4 MB file; onnxruntime can stop between its nodes."""
+    from onnx import helper, numpy_helper
+
+    def weight(name: str, shape: list[int]):  # keeps the values near 1 through the chain
+        return numpy_helper.from_array(np.full(shape, 1 / (9 * shape[1]), np.float32), name)
+
+    nodes, weights, previous = [], [], "input"
+    for i, (cin, cout) in enumerate([(3, width)] + [(width, width)] * (depth - 2) + [(width, 12)]):
+        name = "pre" if i == depth - 1 else f"h{i}"
+        nodes.append(helper.make_node("Conv", [previous, f"w{i}"], [name], pads=[1, 1, 1, 1]))
+        weights.append(weight(f"w{i}", [cout, cin, 3, 3]))
+        previous = name
+    return _graph(path, side, nodes, weights)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_during_a_long_forward_ends_the_run_at_once(work, tmp_path):
+    """Python runs a signal handler between bytecodes only; the forward runs beside the waiting main thread,
+    which stops it (onnxruntime's RunOptions.terminate) instead of waiting for it to end."""
+    env, marks = _marking_forwards(tmp_path)
+    model = _slow_model(tmp_path / "slow.onnx")
+    out = tmp_path / "up"
+    process = _start(["upscale", work / "hr" / "img0.png", "--model", model, "-o", out, "--threads", "1"], env)
+    _wait_for(lambda: any(marks.iterdir()))
+    time.sleep(0.5)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err
+    assert time.monotonic() - sent < 8, "the run waited for the forward to end"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("signum, to_job", [(signal.SIGHUP, False), (signal.SIGQUIT, True)],
+                         ids=["SIGHUP to the parent", "SIGQUIT to the job"])
+def test_sighup_and_sigquit_stop_compare_and_its_workers_cleanly(signum, to_job, work, tmp_path):
+    """SIGHUP to the parent (as the audit sent it), SIGQUIT to every process of the job (as Ctrl-\\ sends it):
+    the parent cleans up and exits 128 + the signal, its pool workers go, and nothing prints a traceback."""
+    env, marks = _marking_forwards(tmp_path)
+    report = tmp_path / "report"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dipnet_deploy", "compare", report, "--fp32", _slow_model(tmp_path / "slow.onnx"),
+         "--data", work / "hr", "--workers", "2", "--repeats", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **env}, start_new_session=True)
+    _wait_for(lambda: len(list(marks.iterdir())) >= 2)  # both workers are inside a forward
+    workers = [int(mark.name) for mark in marks.iterdir()]
+    (os.killpg if to_job else os.kill)(process.pid, signum)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"terminated ({signum.name})"), err
+    _wait_for(lambda: not any(map(_alive, workers)), within=10)
+    assert not report.exists()
+
+
+# --------------------------------------------------------------------------- folders a failed run made
+
+
+def test_only_the_empty_folders_a_run_made_are_removed(tmp_path):
+    """At the end of the block, failed or not: a folder that was there before stays, and so does a folder the
+    block made that now holds a file."""
+    before = tmp_path / "before"
+    before.mkdir()
+    with pytest.raises(KeyboardInterrupt), removing_empty_folders():
+        make_folders(before / "made" / "deeper")
+        make_folders(tmp_path / "holds")
+        (tmp_path / "holds" / "user.txt").write_text("mine")
+        make_folders(before)  # there already: not ours
+        raise KeyboardInterrupt
+    assert before.is_dir() and not list(before.iterdir())
+    assert (tmp_path / "holds" / "user.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_a_failed_train_or_finetune_leaves_no_folder_it_made(command, work, invoke, monkeypatch):
+    """--resume is read after --out's folder is made: a bad one ends the run there."""
+    kept = work / "kept"
+    kept.mkdir()
+    out = kept / "new" / "deeper" / "last.pth"
+    (work / "bad.pth").write_text("not a checkpoint")
+    made = []
+    real = fileio.make_folders
+    monkeypatch.setattr(fileio, "make_folders", lambda folder: made.append(Path(folder)) or real(folder))
+    args = ["--data", work / "hr", "--out", out, "--resume", work / "bad.pth"]
+    args = ["train", *args] if command == "train" else ["finetune", "--checkpoint", work / "w.pth", *args, "--no-compile"]
+    code, _, err = invoke(*args)
+    assert code == 2 and "bad.pth" in err and "Traceback" not in err, err
+    assert out.parent in made  # the folders were made, then removed
+    assert kept.is_dir() and not list(kept.iterdir())
+
+
+def test_sigterm_during_train_removes_the_folders_it_made(work, tmp_path):
+    out = tmp_path / "runs" / "x2" / "last.pth"
+    process = _start(["train", "--data", work / "hr", "--out", out, "--iters", "100000", "--save-every", "100000",
+                      "--val-every", "100000", "--batch", "1", "--patch", "32", "--threads", "1"], {})
+    _wait_for(lambda: out.parent.exists())
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143 and "Traceback" not in err, err
+    assert not (tmp_path / "runs").exists()
 
 
 # --------------------------------------------------------------------------- names that are not UTF-8

@@ -15,6 +15,7 @@ import resource
 import struct
 import subprocess
 import sys
+import warnings
 import zipfile
 import zlib
 from fractions import Fraction
@@ -30,11 +31,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dipnet_deploy.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
 from dipnet_deploy.config import PRESETS
-from dipnet_deploy.errors import InputError
+from dipnet_deploy.errors import InputError, OutOfMemoryError
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import read_rgb8
 from dipnet_deploy.onnx_model import ALLOWED_OPS, MAX_NODES, load_onnx, sr_model_shape
 from dipnet_deploy.quantize import QuantizeOptions, quantize
+from dipnet_deploy.runtime import allocation_failures_named
 from dipnet_deploy.video import write_clip
 
 from .conftest import random_train_model
@@ -52,12 +54,12 @@ def refused(result: tuple[int, str, str], name: str, words: str = "") -> None:
     assert "Traceback" not in err and name in lines[0] and words in lines[0], lines[0]
 
 
-def bounded(*args) -> tuple[int, str, str]:
-    """The CLI in a child process whose address space is capped at ``ADDRESS_SPACE`` (a bomb that gets through
-    fails with MemoryError, a traceback, instead of swapping the machine to a halt)."""
+def bounded(*args, address_space: int = ADDRESS_SPACE) -> tuple[int, str, str]:
+    """The CLI in a child process whose address space is capped at ``address_space`` (a bomb that gets through
+    fails with MemoryError instead of swapping the machine to a halt)."""
 
     def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
     done = subprocess.run([sys.executable, "-m", "dipnet_deploy", *map(str, args)], capture_output=True, text=True,
                           timeout=120, preexec_fn=cap,
@@ -283,6 +285,56 @@ def test_onnx_file_larger_than_any_model_refused_unread(tmp_path):
     refused(bounded("info", path), "huge.onnx", "1,024 MiB is more than")
 
 
+def _hungry_model(path: Path) -> Path:
+    """A valid x2 model of 2048x2048 input whose first Conv makes 512 channels: one 8 GiB tensor (43 times the
+    output, within the cap of 64) from a file of 300 KB."""
+    side, rng = 2048, np.random.default_rng(0)
+    weights = [numpy_helper.from_array((rng.standard_normal(shape) * 0.01).astype(np.float32), name)
+               for name, shape in (("W1", (512, 3, 3, 3)), ("W2", (12, 512, 3, 3)))]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "W1"], ["wide"], pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["wide", "W2"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("DepthToSpace", ["c"], ["output"], blocksize=2, mode="CRD")], "hungry",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, side, side])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 2 * side, 2 * side])], weights)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("command", ["upscale", "compare"])
+def test_model_needing_more_memory_than_there_is_is_one_line(command, tmp_path):
+    """onnxruntime's allocation failure (and its own error log) becomes one line naming the model; 4 GiB of
+    address space hold the tool and its 2048x2048 tiles, not the model's 8 GiB tensor."""
+    model = _hungry_model(tmp_path / "hungry.onnx")
+    (tmp_path / "hr").mkdir()
+    cv2.imwrite(str(tmp_path / "hr" / "a.png"), np.random.default_rng(0).integers(0, 256, (40, 56, 3), np.uint8))
+    args = (["upscale", tmp_path / "hr", "--model", model, "-o", tmp_path / "up", "--threads", 1] if command == "upscale"
+            else ["compare", tmp_path / "report", "--fp32", model, "--data", tmp_path / "hr", "--repeats", 1])
+    refused(bounded(*args, address_space=4 << 30), "hungry.onnx", "onnxruntime ran out of memory for this model "
+                                                                  "(could not allocate 8,192 MiB)")
+    assert not (tmp_path / "up").exists() and not (tmp_path / "report").exists()
+
+
+def test_only_allocation_failures_become_one_line():
+    """A runtime's other failures (a wrong input: a bug of ours) keep their type and traceback."""
+    with pytest.raises(OutOfMemoryError, match="m.onnx: onnxruntime ran out of memory"):
+        with allocation_failures_named("m.onnx", "onnxruntime"):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : std::bad_alloc")
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        with allocation_failures_named("m.onnx", "onnxruntime"):
+            raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Got invalid dimensions for input")
+
+
+def test_memory_no_stage_named_is_one_line(invoke, monkeypatch, tmp_path):
+    def hungry(*args):
+        raise MemoryError("Unable to allocate 48.0 MiB for an array with shape (3, 2048, 2048)")
+
+    monkeypatch.setattr("dipnet_deploy.info.describe", hungry)
+    code, _, err = invoke("info", tmp_path / "any.onnx")
+    assert code == 2 and err.strip().splitlines() == [
+        "dipnet-deploy: error: out of memory (Unable to allocate 48.0 MiB for an array with shape (3, 2048, 2048))"]
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
@@ -365,6 +417,31 @@ def test_checkpoint_refused_in_one_line(case, command, x2_state, tmp_path, invok
     args = ["info", tmp_path / "bad.pth"] if command == "info" else [
         "export", "--checkpoint", tmp_path / "bad.pth", "--height", 40, "--width", 40, "-o", tmp_path / "x.onnx"]
     refused(invoke(*args), "bad.pth", words)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+QUANTIZED = {  # a weight as torch's quantized tensors (whose loading warns in several lines) -> its dtype
+    "qint8 per tensor": (lambda w: torch.quantize_per_tensor(w, 0.01, 0, torch.qint8), "qint8"),
+    "quint8 per channel": (lambda w: torch.quantize_per_channel(w, torch.full((w.shape[0],), 0.01),
+                                                                torch.zeros(w.shape[0], dtype=torch.long), 0,
+                                                                torch.quint8), "quint8"),
+}
+
+
+@pytest.mark.parametrize("command", ["info", "export"])
+@pytest.mark.parametrize("case", sorted(QUANTIZED))
+def test_quantized_weights_refused_in_exactly_one_line(case, command, x2_state, tmp_path):
+    """In a child process: torch's warnings go to its stderr there (pytest would catch them here)."""
+    quantized, dtype = QUANTIZED[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch deprecates making quantized tensors
+        torch.save({**x2_state, "conv_1.weight": quantized(x2_state["conv_1.weight"])}, tmp_path / "q.pth")
+    args = ["info", tmp_path / "q.pth"] if command == "info" else [
+        "export", "--checkpoint", tmp_path / "q.pth", "--height", 40, "--width", 40, "-o", tmp_path / "x.onnx"]
+    code, _, err = bounded(*args)
+    assert code == 2 and err.strip().splitlines() == [
+        f"dipnet-deploy: error: {tmp_path / 'q.pth'}: conv_1.weight holds {dtype} values, not real floating-point "
+        "weights"], err
     assert not (tmp_path / "x.onnx").exists()
 
 
