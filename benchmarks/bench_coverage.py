@@ -8,7 +8,9 @@ fine-tuning). Routes (pick with --routes):
   max            --method max (the default)
   max+coverage   --method max with 10 coverage images (--coverage 10)
   auto0          --method auto without the floor (before this issue)
-  auto           --method auto, the defaults: ranges never narrower than max's (the floor)
+  auto           --method auto, the defaults (--max-clip 0): ranges never narrower than max's
+  auto-clip      --method auto --max-clip 2e-4: no range clips more than 2e-4 of a tensor's values on one image
+  auto-clip+coverage  the same with --coverage 10
   auto+coverage  --method auto --coverage 10
   learned     --method learned from a `finetune` checkpoint (--finetuned; several: one route each)
 
@@ -41,6 +43,8 @@ ROUTES = {
     "max+coverage": QuantizeOptions(coverage=10),
     "auto0": QuantizeOptions(method="auto", auto=AutoOptions(floor=False)),
     "auto": QuantizeOptions(method="auto"),
+    "auto-clip": QuantizeOptions(method="auto", auto=AutoOptions(clip=2e-4)),
+    "auto-clip+coverage": QuantizeOptions(method="auto", coverage=10, auto=AutoOptions(clip=2e-4)),
     "auto+coverage": QuantizeOptions(method="auto", coverage=10),
 }
 

@@ -19,6 +19,7 @@ from dipnet_deploy.artifacts import DEFAULT_FP32, DEFAULT_INT8, default_checkpoi
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import is_write_failure, json_text, removing_empty_folders
+from dipnet_deploy.observers import DEFAULT_CLIP
 from dipnet_deploy.runtime import RUNTIMES
 
 
@@ -135,6 +136,11 @@ def run() -> None:
             signal.signal(each, handler)
 
 
+max_clip_option = click.option(
+    "--max-clip", type=click.FloatRange(0, 0.01), default=DEFAULT_CLIP, show_default=True,
+    help="Range coverage of learned ranges: the largest fraction of a tensor's values on any one calibration, "
+         "coverage or training image that a learned range may clip (0: none, the max ranges). A bound per image "
+         "keeps flat regions of colours the photos lacked unclipped (BENCHMARKS.md: 'int8 on every image').")
 json_option = click.option("--json", "as_json", is_flag=True,
                            help="Print a one-line JSON summary (strict JSON) as the last line of stdout.")
 
@@ -356,12 +362,13 @@ def train(data, preset, expansion, iters, batch, patch, lr, loss, restart, val, 
               help="Generated stress images (saturated flat colours, line art, text, UI) whose LR joins the "
                    "training images in the starting ranges (and so the floor); 0: the training images alone.")
 @click.option("--floor/--no-floor", "range_floor", default=True, show_default=True,
-              help="Never learn a range narrower than its start (max over the training and coverage images), so "
-                   "nothing those images showed is clipped; --no-floor lets ranges narrow freely.")
+              help="Never learn a range that clips more than --max-clip of a tensor's values on any one training "
+                   "or coverage image; --no-floor lets ranges narrow freely.")
+@max_clip_option
 @json_option
 @user_errors
 def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, target, loss, val, val_every, save_every, out,
-             resume, seed, threads, device, compile_step, coverage, range_floor, as_json):
+             resume, seed, threads, device, compile_step, coverage, range_floor, max_clip, as_json):
     """Quantization-aware fine-tuning: weights and int8 activation ranges learned together.
 
     The folded model is trained through a fake-quantized twin of the int8 QDQ graph that
@@ -380,7 +387,7 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
     options = FinetuneOptions(iters=iters, batch=batch, patch=patch, lr=lr, range_lr=range_lr, target=target, loss=loss,
                               val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
                               threads=threads, equalize=equalize, device=device, compile=compile_step,
-                              coverage=coverage, floor=range_floor)
+                              coverage=coverage, floor=range_floor, clip=max_clip)
     result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress_bar, warn=warn)
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s, "
                f"{result.points} learned activation ranges)")
@@ -451,10 +458,11 @@ def progress_bar(iterable, description: str, total: int | None = None):
               help="Generated stress images (saturated flat colours, line art, text, gradients, flat UI) calibrated "
                    "beside yours, so that no range is narrower than what such images produce. Wider ranges cost "
                    "photos resolution (BENCHMARKS.md: 'int8 on every image'); 0: your images alone.")
+@max_clip_option
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
-             auto_steps, coverage, as_json):
+             auto_steps, coverage, max_clip, as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
@@ -474,11 +482,13 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         equalize = method != "learned"
     if calib is not None and not calib.is_dir():
         raise InputError(calib, "not a directory")
+    if max_clip != DEFAULT_CLIP and method != "auto":
+        raise InputError("--max-clip", "bounds the ranges --method auto learns (finetune has its own)")
     if auto_steps is not None and (method != "auto" or calib is None):
         raise InputError("--auto-steps", "applies to --method auto with --calib only (reused --ranges keep "
                                          "the steps they were refined with)")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
-                              AutoOptions(iters=auto_steps), coverage)
+                              AutoOptions(iters=auto_steps, clip=max_clip), coverage)
     result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "

@@ -33,6 +33,7 @@ from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import TRACE_SIZE, ExportOptions, fix_shape, trace_to_onnx
 from dipnet_deploy.fileio import ensure_parent, write_checkpoint
 from dipnet_deploy.imageio import list_images, silent
+from dipnet_deploy.observers import DEFAULT_CLIP
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qat import (
     FIXED_POINTS,
@@ -42,6 +43,7 @@ from dipnet_deploy.qat import (
     covering,
     model_from_onnx,
     observe_ranges,
+    range_floor,
 )
 from dipnet_deploy.range_graphs import tensor_shapes
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign, same_file
@@ -74,6 +76,8 @@ class FinetuneOptions(LoopOptions):
         images in the starting ranges (max calibration).
     floor: no learned range narrower than its starting range (``qat.QuantSimDIPNet`` floor): what the
         training and coverage images showed is never clipped.
+    clip: the floor may leave out this fraction of each image's values at each point (0: none, the
+        max ranges; ``qat.clipped_bounds``).
     """
 
     iters: int = 5000
@@ -89,6 +93,7 @@ class FinetuneOptions(LoopOptions):
     compile: bool = True
     coverage: int = 0
     floor: bool = True
+    clip: float = DEFAULT_CLIP
 
 
 @dataclass
@@ -146,12 +151,13 @@ def equalized_start(model: DIPNet, images: list[np.ndarray]) -> DIPNet:
     return model_from_onnx(equalize_with(traced, equalization_scales(traced, spaces, low, high)))
 
 
-def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet, covered: list[np.ndarray] | None = None) -> dict:
+def learned_ranges_entry(sim: QuantSimDIPNet, ema: QuantSimDIPNet, covered: list[np.ndarray] | None = None,
+                         clip: float = 0.0) -> dict:
     """The checkpoint's ``quantization`` entry: ranges of ``params_ema`` (and of ``params``). With ``covered``
     (model inputs), the EMA ranges are widened to contain what the EMA model as written computes on them
     (``qat.covering``): the floor holds for the weights the fine-tune ends with."""
     as_lists = lambda ranges: {name: [low, high] for name, (low, high) in sorted(ranges.items())}  # noqa: E731
-    ranges = ema.ranges() if covered is None else covering(ema.ranges(), ema.written().cpu(), covered)
+    ranges = ema.ranges() if covered is None else covering(ema.ranges(), ema.written().cpu(), covered, clip)
     return {
         "format": QAT_FORMAT,
         "weights": "int8 symmetric per output channel",
@@ -221,8 +227,9 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
         initial = equalized_start(initial, images[:: max(1, len(images) // EQUALIZATION_IMAGES)])
     initial = initial.to(options.device)
     coverage = [to_input(make_pair(hr, config.upscale)[1]) for hr in coverage_images(options.coverage)]
-    start = observe_ranges(initial, [torch.from_numpy(image) for image in images + coverage])
-    sim = QuantSimDIPNet(initial.train(), start, floor=start if options.floor else None)
+    seen = [torch.from_numpy(image) for image in images + coverage]
+    start = observe_ranges(initial, seen)
+    sim = QuantSimDIPNet(initial.train(), start, floor=range_floor(initial, start, seen, options.clip) if options.floor else None)
     sim = sim.to(options.device)
     for parameter in sim.model.parameters():
         parameter.requires_grad_(True)
@@ -274,7 +281,8 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     def save(wall: float) -> None:
         payload = run.payload(config, asdict(options) | {"checkpoint": str(checkpoint), "data": str(data)}, wall)
         final = options.floor and run.iteration >= options.iters
-        payload["quantization"] = learned_ranges_entry(run.model, run.ema, images + coverage if final else None)
+        payload["quantization"] = learned_ranges_entry(run.model, run.ema, images + coverage if final else None,
+                                                       options.clip)
         payload["finetuned_from"] = {"path": str(checkpoint), "sha256": loaded.sha256, "entry": loaded.source}
         write_checkpoint(out, payload)
 

@@ -13,6 +13,10 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 HISTOGRAM_BINS = 2048
+# the clipping bound of learned ranges (range coverage): a learned or searched range may leave out at most this
+# fraction of a tensor's values on any one calibration, coverage or training image (qat.clipped_bounds). 0: none,
+# the max ranges are a floor; a looser bound wins on photos and loses on images unlike them (BENCHMARKS.md)
+DEFAULT_CLIP = 0.0
 
 
 class Observer(ABC):

@@ -13,10 +13,11 @@ From the fp32 ONNX and the calibration images alone (no checkpoint, no training 
    int8 values it was refined to (``weight_lr`` 0 keeps the plainly rounded weights: ranges only).
    This is end-to-end AdaQuant/QAT on the calibration images, with the fp32 model as the only
    teacher.
-4. range coverage (``AutoOptions.floor``): no range is learned narrower than its max range over the
-   calibration and coverage images, and each is widened at the end to contain what the model as
-   written (adapted weights) computes on them: nothing those images showed is clipped. Narrowing
-   ranges to what a few photos show is what made int8 fail on saturated colours and line art.
+4. range coverage (``AutoOptions.floor``, ``clip``): no range is learned so narrow that it clips more
+   than ``clip`` (a fraction) of a tensor's values on any one calibration or coverage image, and each
+   is widened at the end until that holds for the model as written (adapted weights). Narrowing
+   ranges to what a few photos show is what made int8 fail on saturated colours and line art; a
+   bound per image keeps whole regions unclipped while the rare outliers of photos may still be.
 
 Everything is recorded in the ranges document (``parameters`` and ``adapted_weights``), so
 ``--ranges`` reuses it as is. The model must be a DIPNet exported by ``export`` (its
@@ -34,6 +35,7 @@ import onnx
 import torch
 import torch.nn.functional as F
 
+from dipnet_deploy.observers import DEFAULT_CLIP
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qat import (
     FIXED_POINTS,
@@ -43,6 +45,7 @@ from dipnet_deploy.qat import (
     fake_quant_weight,
     model_from_onnx,
     onnx_point_names,
+    range_floor,
     range_owner,
     tensor_ranges,
 )
@@ -55,8 +58,9 @@ class AutoOptions:
     """iters: Adam steps (None: ``default_steps`` of the model: 1,000 for the x2 default, 3,000 for
     the official x4); batch crops of crop x crop input pixels each; lr: peak learning rate of the
     range bounds; weight_lr: of the weights (0: weights rounded to nearest, not refined); both decay
-    by cosine to 1%; seed: the crops drawn; floor: no range narrower than its starting (max) range,
-    so nothing the calibration and coverage images showed is clipped (``qat.QuantSimDIPNet`` floor)."""
+    by cosine to 1%; seed: the crops drawn; floor: no range narrower than what clips ``clip`` (a
+    fraction) of a tensor's values on one calibration or coverage image (``qat.clipped_bounds``;
+    clip 0: the max range, nothing clipped), enforced by ``qat.QuantSimDIPNet``'s floor."""
 
     iters: int | None = None
     batch: int = 8
@@ -65,6 +69,7 @@ class AutoOptions:
     weight_lr: float = 1e-4
     seed: int = 0
     floor: bool = True
+    clip: float = DEFAULT_CLIP
 
 
 @dataclass
@@ -115,7 +120,9 @@ def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], input
     for parameter in student.parameters():
         parameter.requires_grad_(options.weight_lr > 0)
     start = point_ranges(fp32.graph, tensors)
-    sim = QuantSimDIPNet(student, start, floor=start if options.floor else None)
+    images = [inputs[i:i + 1] for i in range(len(inputs))]
+    floor = range_floor(teacher, start, [torch.from_numpy(x) for x in images], options.clip) if options.floor else None
+    sim = QuantSimDIPNet(student, start, floor=floor)
     groups = [{"params": [sim.low, sim.high], "peak": options.lr}]
     if options.weight_lr > 0:
         groups.append({"params": list(student.parameters()), "peak": options.weight_lr})
@@ -145,7 +152,7 @@ def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], input
                         weights[f"{name}.bias"] = module.bias.numpy().astype(np.float32)
     ranges = sim.ranges()
     if options.floor:
-        ranges = covering(ranges, sim.written(), [inputs[i:i + 1] for i in range(len(inputs))])
+        ranges = covering(ranges, sim.written(), images, options.clip)
     return Refinement(tensor_ranges(fp32.graph, ranges), weights, options)
 
 

@@ -146,6 +146,7 @@ class QuantSimDIPNet(nn.Module):
         self.set_floor(floor or {})
         self.visited: list[str] = []
         self.observed: dict[str, tuple[float, float]] | None = None  # set: record float ranges, quantize nothing
+        self.clip = 0.0  # while observing: the fraction of each call's elements a recorded range may leave out
 
     def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The ranges in use: the learned ones widened to the floor."""
@@ -187,7 +188,8 @@ class QuantSimDIPNet(nn.Module):
         if self.observed is not None:
             if owner == name and name not in self.fixed:
                 low, high = self.observed.get(name, (float("inf"), float("-inf")))
-                self.observed[name] = (min(low, float(value.detach().min())), max(high, float(value.detach().max())))
+                seen_low, seen_high = clipped_bounds(value.detach(), self.clip)
+                self.observed[name] = (min(low, seen_low), max(high, seen_high))
             return Point(value, name)
         if owner in self.fixed:
             low, high = (torch.tensor(v, device=value.device) for v in self.fixed[owner])
@@ -266,28 +268,60 @@ class CompiledOrEager:
         return self.module(*args)
 
 
-@torch.no_grad()
-def observe_ranges(model: DIPNet, batches: list[torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """Max calibration of every learnable point: min/max of its float value over ``batches``.
+def clipped_bounds(value: torch.Tensor, clip: float) -> tuple[float, float]:
+    """The narrowest (low, high) that leaves out at most ``clip`` (a fraction, 0 <= clip < 1) of
+    ``value``'s elements, half of it on each side: at most clip / 2 below low and clip / 2 above high;
+    clip 0: (min, max)."""
+    flat = value.reshape(-1)
+    allowed = int(clip / 2 * flat.numel())
+    if allowed == 0:
+        return float(flat.min()), float(flat.max())
+    return _extreme(flat, allowed + 1, largest=False), _extreme(flat, allowed + 1, largest=True)
 
-    The walk runs the float model (nothing quantized), so these are the ranges `--method max`
-    would see on the same data.
+
+def _extreme(flat: torch.Tensor, rank: int, largest: bool) -> float:
+    """The ``rank``-th largest (or smallest) element of ``flat``, exactly. topk over a whole activation
+    (16M elements at 540x960) takes seconds on a CPU; the candidates beyond a threshold read from a
+    strided sample are few, and when they number at least ``rank`` they hold the answer."""
+    stride = max(1, flat.numel() // 100_000)
+    sample = flat[::stride]
+    threshold = torch.topk(sample, min(sample.numel(), 4 * rank // stride + 16), largest=largest).values[-1]
+    candidates = flat[flat >= threshold] if largest else flat[flat <= threshold]
+    if candidates.numel() < rank:
+        candidates = flat
+    return float(torch.topk(candidates, rank, largest=largest).values[-1])
+
+
+@torch.no_grad()
+def observe_ranges(model: DIPNet, batches: list[torch.Tensor], clip: float = 0.0) -> dict[str, tuple[float, float]]:
+    """The range of every learnable point over ``batches``: the narrowest that clips at most ``clip``
+    (a fraction) of its float values in every batch (``clipped_bounds``), widened over all batches.
+
+    Pass one image per batch to bound the clipping of each image. The walk runs the float model
+    (nothing quantized); with clip 0 these are the ranges `--method max` would see on the same data.
     """
     walker = QuantSimDIPNet(model, {})
-    walker.observed = {}
+    walker.observed, walker.clip = {}, clip
     device = next(model.parameters()).device
     for batch in batches:
         walker(batch.to(device))
     return dict(walker.observed)
 
 
+def range_floor(model: DIPNet, start: dict[str, tuple[float, float]], images: list[torch.Tensor],
+                clip: float) -> dict[str, tuple[float, float]]:
+    """The floor of range coverage for ``model`` on ``images`` (one image per tensor): ``start`` (their max
+    ranges, what a learning starts from) for clip 0, else ``observe_ranges`` with the clipping bound."""
+    return start if clip == 0 else observe_ranges(model, images, clip)
+
+
 def covering(ranges: dict[str, tuple[float, float]], model: DIPNet,
-             inputs: list[np.ndarray]) -> dict[str, tuple[float, float]]:
-    """``ranges`` (by point) widened to contain what ``model`` computes at each point on ``inputs``
-    ([1, 3, H, W] float32 arrays): weights that moved during a refinement or fine-tune move the
-    activations too, and the floor must hold for the model as written."""
+             inputs: list[np.ndarray], clip: float = 0.0) -> dict[str, tuple[float, float]]:
+    """``ranges`` (by point) widened until they clip at most ``clip`` of what ``model`` computes at
+    each point on each of ``inputs`` ([1, 3, H, W] float32 arrays): weights that moved during a
+    refinement or fine-tune move the activations too, and the floor must hold for the model as written."""
     with torch.no_grad():
-        seen = observe_ranges(model, [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs])
+        seen = observe_ranges(model, [torch.from_numpy(np.ascontiguousarray(x)) for x in inputs], clip)
     return {name: (min(low, seen.get(name, (low, high))[0]), max(high, seen.get(name, (low, high))[1]))
             for name, (low, high) in ranges.items()}
 
@@ -313,6 +347,13 @@ def onnx_point_names(graph: onnx.GraphProto) -> dict[str, str]:
         elif node.input[0] in names:
             names[node.output[0]] = unary_name(names[node.input[0]], node.op_type)
     return names
+
+
+def image_grid_ranges(graph: onnx.GraphProto) -> dict[str, tuple[float, float]]:
+    """The tensors of ``graph`` at ``FIXED_POINTS`` (the image input, the last conv's output before
+    DepthToSpace) with their range [0, 1]: as uint8 their step is 1/255, the grid the image is read
+    from and rounded to, so quantizing them loses nothing and clips only what the image clips."""
+    return {tensor: FIXED_POINTS[name] for tensor, name in onnx_point_names(graph).items() if name in FIXED_POINTS}
 
 
 def tensor_ranges(graph: onnx.GraphProto, learned: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:

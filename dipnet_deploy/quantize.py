@@ -30,7 +30,7 @@ from dipnet_deploy.observers import make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry, weights_from_entry
-from dipnet_deploy.qat import model_from_onnx, simulation_agreement, tensor_ranges
+from dipnet_deploy.qat import image_grid_ranges, model_from_onnx, simulation_agreement, tensor_ranges
 from dipnet_deploy.ranges_schema import (
     AUTO,
     LEARNED,
@@ -45,6 +45,7 @@ from dipnet_deploy.stress_set import COVERAGE_HUES, COVERAGE_SEED, coverage_imag
 
 MIN_CALIBRATION_SIDE = 32  # smaller images say nothing about 1080p frames
 DEFAULT_COVERAGE = 0  # max over coverage images widens ranges more than photos can pay for (BENCHMARKS.md)
+IMAGE_GRID = "input and last conv output on [0, 1] in 1/255 steps"
 COVERAGE_GENERATOR = f"stress_set.coverage_images (seed {COVERAGE_SEED}, hue offsets {list(COVERAGE_HUES)})"
 
 
@@ -168,6 +169,9 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
     parameters, adapted = observer.parameters(), None
+    if not options.symmetric_activations:  # the uint8 grid of the image is exact whatever the observer saw
+        calibration.ranges |= image_grid_ranges(calibration.model.graph)
+        parameters |= {"image_grid": IMAGE_GRID}
     if auto:
         refinement = refine(calibration.model, calibration.ranges, np.concatenate(list(inputs)), options.auto, progress)
         calibration.ranges |= refinement.ranges

@@ -15,6 +15,7 @@ from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.observers import EntropyObserver, MaxObserver, MseObserver, PercentileObserver
+from dipnet_deploy.qat import image_grid_ranges
 from dipnet_deploy.quantize import QuantizeOptions, VendorInputs, quantize
 from dipnet_deploy.range_graphs import derived_ranges, float_tensors, values_model
 
@@ -118,7 +119,7 @@ def test_ranges_exact_when_blocked_layout_pads_channels(calib_dir, tmp_path):
 
 def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, train_calib_dir, tmp_path):
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import load_tensors_data
+    from onnxruntime.quantization.calibrate import TensorsData, load_tensors_data, save_tensors_data
 
     calib_dir = train_calib_dir
 
@@ -131,18 +132,27 @@ def test_max_ranges_equal_stock_minmax_and_models_agree(x2_small, train_calib_di
     result = quantize(x2_small, tmp_path / "ours.int8.onnx", calib_dir, options=QuantizeOptions(equalize=False))
     ours = json.loads(result.ranges_path.read_text())["tensors"]
     stock = load_tensors_data(stock_cache)
+    # the image input and the last conv's output (the image before DepthToSpace) sit on the uint8 grid of [0, 1]
+    last_conv = [n for n in onnx.load(str(x2_small)).graph.node if n.op_type == "Conv"][-1].output[0]
+    assert set(image_grid_ranges(onnx.load(str(x2_small)).graph)) == {"input", last_conv}
+    gridded = {}
     for name, data in stock.items():
         low, high = (np.asarray(v).item() for v in data.range_value)
-        # Stock's graph runs other kernels (no fusions), so equal up to float rounding.
-        assert ours[name]["min"] == pytest.approx(low, abs=1e-7, rel=1e-5)
-        assert ours[name]["max"] == pytest.approx(high, abs=1e-7, rel=1e-5)
+        if name in ("input", last_conv):
+            assert (ours[name]["min"], ours[name]["max"]) == (0.0, 1.0)
+            low, high = 0.0, 1.0
+        else:  # Stock's graph runs other kernels (no fusions), so equal up to float rounding.
+            assert ours[name]["min"] == pytest.approx(low, abs=1e-7, rel=1e-5)
+            assert ours[name]["max"] == pytest.approx(high, abs=1e-7, rel=1e-5)
+        gridded[name] = (np.float32(low), np.float32(high))
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, gridded), stock_cache)
+    quantize_static(str(x2_small), str(stock_model), None, quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibration_cache_path=str(stock_cache))
     x = vendor_preprocess(read_rgb8(files[0])[0], 40, 56)
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
-    # A range one float ulp apart can flip a rounding: allow rare one-step differences.
-    last_conv = [n for n in onnx.load(str(x2_small)).graph.node if n.op_type == "Conv"][-1].output[0]
-    step = (ours[last_conv]["max"] - min(ours[last_conv]["min"], 0.0)) / 255
+    # A range one float ulp apart can flip a rounding: allow rare one-step differences of the output grid.
     diff = np.abs(run(result.int8_path) - run(stock_model))
-    assert diff.max() <= 2.01 * step and np.mean(diff > 0) < 0.01
+    assert diff.max() <= 2.01 / 255 and np.mean(diff > 0) < 0.01
 
 
 def test_all_convs_int8_ranges_reuse_is_byte_identical(x2_small, calib_dir, tmp_path, invoke):
