@@ -230,6 +230,8 @@ def _init_pool_worker(*args) -> None:
     workers forever, and the run would hang.
     """
     global _POOL_SCORER
+    for number in JOB_SIGNALS:  # ignored, not only blocked: a worker's runtime threads may unblock them (measured)
+        signal.signal(number, signal.SIG_IGN)
     try:
         _POOL_SCORER = make_scorer(*args)
     except InputError as error:

@@ -37,6 +37,7 @@ from dipnet_deploy.ranges_schema import (
     METHODS,
     RANGES_FORMAT,
     check_ranges_document,
+    flat_input_problem,
     learned_points,
     read_ranges,
 )
@@ -169,6 +170,10 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
                             symmetric_activations=options.symmetric_activations)
     parameters, adapted = observer.parameters(), None
+    observed_input = calibration.ranges.get(model.graph.input[0].name)
+    problem = observed_input and flat_input_problem(*observed_input)  # before the image grid replaces it
+    if problem:
+        raise InputError(calib_dir, problem)
     if not options.symmetric_activations:  # the uint8 grid of the image is exact whatever the observer saw
         calibration.ranges |= image_grid_ranges(calibration.model.graph)
         parameters |= {"image_grid": IMAGE_GRID}

@@ -207,9 +207,16 @@ def _tensor_ranges(tensors, needed: list[str]) -> None:
         if not (isinstance(entry, dict) and set(entry) == {"min", "max"} and all(map(_is_number, entry.values()))):
             raise _Invalid(f"tensor {name!r}: min and max must be numbers, an object of those two (got {_describe(entry)})")
         _activation_range(entry["min"], entry["max"], f"tensor {name!r}", strict=False)
-    low, high = tensors[needed[0]]["min"], tensors[needed[0]]["max"]
+    problem = flat_input_problem(tensors[needed[0]]["min"], tensors[needed[0]]["max"])
+    if problem:
+        raise _Invalid(problem)
+
+
+def flat_input_problem(low: float, high: float) -> str | None:
+    """What is wrong with an image input range of one value (calibration images that are all flat), or None."""
     if np.float32(low) == np.float32(high):
-        raise _Invalid(f"the input range is [{low}, {high}]: calibrated on flat images only")
+        return f"the input range is [{low}, {high}]: calibrated on flat images only"
+    return None
 
 
 def _points(points, model: onnx.ModelProto) -> dict[str, tuple[float, float]]:

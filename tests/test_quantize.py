@@ -274,9 +274,9 @@ def test_quality_floor_official_x4_against_stock(official_x4, train_calib_dir, t
     images = sorted(need(EVAL / "Set5").iterdir())
     models = {"ours": ours, "unequalized": unequalized, "stock": stock}
     mean = {k: int8_fidelity(fp32, p, images, height, width) for k, p in models.items()}
-    # Without equalization: stock's ranges up to float rounding (fused vs unfused kernels), so the
-    # same model up to rounding flips (measured 36.054 vs 36.067 dB here).
-    assert abs(mean["unequalized"] - mean["stock"]) < 0.03
+    # Without equalization: stock's ranges up to float rounding (fused vs unfused kernels) but for the image grid
+    # (input and last conv output on [0, 1] in 1/255 steps), which only removes rounding: measured 36.120 vs 36.067 dB
+    assert 0 < mean["unequalized"] - mean["stock"] < 0.15
     # Equalized: the same max ranges, each channel using more of them (measured 37.95 dB).
     assert mean["ours"] > mean["stock"] + 0.5, mean
 
