@@ -7,6 +7,10 @@ Protocols:
 - ``seed`` (the vendor's): the same LR resized with cv2 bilinear to the model's fixed input,
   output compared with HR resized with cv2 bilinear to the output size, full RGB, no crop,
   outputs clipped x255 as floats; cv2 bicubic of the LR to the output size as the baseline.
+
+Memory: an HR image is held as uint8 with its LR and one uint8 output per model and bicubic; the
+resizes and metrics work on bands and blocks (``matlab_resize``, ``metrics``). An image whose header
+says it would take more than ``DIPNET_MAX_MEMORY_MB`` (``compare_bytes``) is skipped before decoding.
 """
 
 from __future__ import annotations
@@ -28,13 +32,21 @@ from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.errors import InputError, RunEndingError
 from dipnet_deploy.fileio import sha256_file
-from dipnet_deploy.imageio import list_images, read_rgb8, to_uint8_rgb, vendor_preprocess
-from dipnet_deploy.matlab_resize import imresize
-from dipnet_deploy.metrics import psnr, ssim
+from dipnet_deploy.imageio import (
+    ImageHeader,
+    check_memory,
+    decode_bytes,
+    list_images,
+    max_memory_bytes,
+    read_rgb8,
+    vendor_preprocess,
+)
+from dipnet_deploy.matlab_resize import BAND_BYTES, imresize
+from dipnet_deploy.metrics import METRIC_WORK_BYTES, max_abs_difference, psnr, ssim
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, reusing_output, time_interleaved
-from dipnet_deploy.sr_protocol import make_pair, score, to_input, unscorable
+from dipnet_deploy.sr_protocol import make_pair, score, unscorable
 from dipnet_deploy.tiling import TiledRunner
 
 METRICS = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb")
@@ -135,8 +147,7 @@ def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol
         hr, lr = make_pair(hr_rgb, scale)
         outputs, tiles = {}, 0
         for name, runner in runners.items():
-            result, tiles = runner.run(to_input(lr))
-            outputs[name] = to_uint8_rgb(result)
+            outputs[name], tiles = runner.run_rgb8(lr)  # uint8, tile by tile: no float copy of the image
         outputs["bicubic"] = imresize(lr, scale)
         metrics = {name: score(image, hr, scale) for name, image in outputs.items()}
     else:
@@ -156,10 +167,41 @@ def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol
     row["hr_size"] = [int(hr.shape[1]), int(hr.shape[0])]
     row["lr_size"] = [int(lr.shape[1]), int(lr.shape[0])]
     if "int8" in outputs:
-        a, b = outputs["int8"].astype(np.float64), outputs["fp32"].astype(np.float64)
-        row["int8_vs_fp32"] = {"psnr_rgb": psnr(a, b), "max_abs_diff": float(np.abs(a - b).max())}
+        a, b = outputs["int8"], outputs["fp32"]
+        row["int8_vs_fp32"] = {"psnr_rgb": psnr(a, b), "max_abs_diff": max_abs_difference(a, b)}
         row["drop_psnr_y"] = row["psnr_y"]["fp32"] - row["psnr_y"]["int8"]
     return {"row": row, "images": {"hr": hr, **outputs}}
+
+
+# What ``report.write_report`` takes, per pixel of the worst image, to draw its figures (float64 copies and
+# differences of the whole image, an integral image, matplotlib's resampling; measured 66-68 B/px at 25 MP):
+# the largest per-pixel cost of ``compare``, counted so that the image the report ends up drawing fits too.
+REPORT_BYTES_PER_PIXEL = 72
+REPORT_BYTES = 64 << 20  # matplotlib's own
+
+
+def compare_bytes(header: ImageHeader, runners: dict[str, TiledRunner], protocol: str, scale: int) -> int:
+    """Peak bytes reading and scoring the HR image of ``header`` takes (``evaluate_image``), or the report's
+    figures of it should it be the worst image, whichever is larger: decoding it, then the HR, its LR, one
+    uint8 output per model and bicubic, and the resizes' bands or the metrics' blocks. What the models
+    fix whatever the image (their sessions, a tile's buffers; in ``seed`` the outputs at the model's size,
+    their metrics and figures) is not counted."""
+    pixels = header.pixels
+    held = 3 * pixels + 3 * pixels // scale**2
+    work = 6 * BAND_BYTES * scale  # matlab_resize's bands (the LR, bicubic)
+    if protocol != "sr":
+        return max(decode_bytes(header), held + work)
+    pictures = 3 * pixels * (len(runners) + 2)  # what the report gets: HR, every output, bicubic
+    scoring = held + 3 * pixels * (len(runners) + 1) + max(METRIC_WORK_BYTES, work)
+    report = pictures + REPORT_BYTES_PER_PIXEL * pixels + REPORT_BYTES
+    return max(decode_bytes(header), scoring, report)
+
+
+def memory_check(runners: dict[str, TiledRunner], protocol: str, scale: int) -> Callable[[ImageHeader], None]:
+    """``read_rgb8``'s check for scoring with ``runners``: refuse an HR image over the memory budget."""
+    models = ", ".join(runners)
+    return lambda header: check_memory(header, compare_bytes(header, runners, protocol, scale),
+                                       f"score it x{scale} ({models} and bicubic) and draw it in the report")
 
 
 # --------------------------------------------------------------------------- workers
@@ -189,7 +231,7 @@ def make_scorer(model_paths: dict[str, str], threads: int, protocol: str, scale:
 def score_file(scorer: Scorer, path: str) -> tuple[str, dict | None, str | None]:
     """Score one HR image: (path, row, None), or (path, None, why it was skipped)."""
     try:
-        hr, notes = read_rgb8(path)
+        hr, notes = read_rgb8(path, memory_check(scorer.runners, scorer.protocol, scorer.scale))
     except InputError as error:
         return path, None, f"skipped {error}"
     if problem := unscorable(hr, scorer.scale):
@@ -282,6 +324,7 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     if options.diagnose and not int8_path:
         raise InputError("--diagnose", "needs an int8 model (--int8)")
     check_runtime(options.runtime)
+    max_memory_bytes()  # DIPNET_MAX_MEMORY_MB refused at once when it is no number of MiB
     if options.ray is not None:
         import_ray()  # before any work: refuse at once without the extra
     fp32 = inspect_model(Path(fp32_path), "fp32")
@@ -309,7 +352,8 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
                     warn(f"note: {path}: {note}")
                 results[path] = row
     if not results:
-        raise InputError(data_dir, f"no usable HR images ({len(files)} file(s), all skipped)")
+        last = comparison.skipped[-1].removeprefix("skipped ") if comparison.skipped else "none scored"
+        raise InputError(data_dir, f"no usable HR images ({len(files)} file(s), all skipped; last: {last})")
     comparison.rows = [results[str(p)] for p in files if str(p) in results]
     # latency: on this machine, with all its cores (the local scorer has them)
     runners = (local or make_scorer(model_paths, os.cpu_count() or 1, *scorer_args[1:])).runners
@@ -319,7 +363,8 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     comparison.latency = measure_latency(runners, options.latency_repeats)
     comparison.mean = means(comparison.rows)
     comparison.worst = worst_image(comparison)
-    worst_hr, _ = read_rgb8(comparison.worst["image"])  # rows keep only numbers: its pictures again, for the report
+    # rows keep only numbers: its pictures again, for the report
+    worst_hr, _ = read_rgb8(comparison.worst["image"], memory_check(runners, options.protocol, fp32.scale))
     comparison.worst_images = evaluate_image(worst_hr, runners, options.protocol, fp32.scale)["images"]
     if options.diagnose:
         from dipnet_deploy.diagnose import diagnose

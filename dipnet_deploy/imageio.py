@@ -7,16 +7,26 @@ Size limits: an image is decoded only when its header (read lazily by Pillow) is
 ``IMAGE_FORMATS`` and declares at most ``max_pixels()`` pixels (``DIPNET_MAX_MEGAPIXELS`` million,
 default 100) and its file is no larger than such an image can be (``MAX_BYTES_PER_PIXEL`` per
 allowed pixel plus ``HEADER_BYTES``); so a decompression bomb or a huge file named .png costs a
-header read, not gigabytes.
+header read, not gigabytes. A command that knows what an image will cost it (``upscale``, ``compare``)
+also passes ``read_rgb8`` a ``check`` that estimates the memory from the header (``ImageHeader``:
+size, format, channels and bit depth as decoded, file size; ``decode_bytes`` for the decoding itself)
+and refuses the image, before decoding, when the estimate is over ``max_memory_bytes()``
+(``DIPNET_MAX_MEMORY_MB``, default ``DEFAULT_MAX_MEMORY_MB``): ``check_memory``.
+
+PNG output is written band by band (``PngWriter``), so an upscaled image is never whole in memory.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import cv2
 import numpy as np
@@ -34,6 +44,13 @@ MAX_MEGAPIXELS_VARIABLE = "DIPNET_MAX_MEGAPIXELS"
 DEFAULT_MAX_MEGAPIXELS = 100.0
 MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA stored raw: the largest pixel we decode
 HEADER_BYTES = 16 << 20  # room for metadata, colour profiles and thumbnails
+MAX_MEMORY_VARIABLE = "DIPNET_MAX_MEMORY_MB"
+# What one image may cost a command, estimated from its header before decoding: decoding it, its pixels, the
+# outputs and working buffers that grow with it. What the model fixes whatever the image (the interpreter and
+# libraries, the runtime's session, a tile's buffers) comes on top: about 680 MiB for upscale or compare with a
+# one-Conv 1080p x2 model, whose largest run this default accepts (a 2200x36000 image) peaked at 1.38 GB.
+DEFAULT_MAX_MEMORY_MB = 700.0
+MIB = 1 << 20
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check would stop raised limits; ours is in check_image_size
 
@@ -50,8 +67,79 @@ def max_pixels() -> int:
     return int(megapixels * 1e6)
 
 
-def check_image_size(path: Path) -> None:
-    """Refuse, before decoding, a file too large on disk or a header declaring more than ``max_pixels()``."""
+def max_memory_bytes() -> int:
+    """The memory one image may cost a command, in bytes: ``DIPNET_MAX_MEMORY_MB`` MiB (default
+    ``DEFAULT_MAX_MEMORY_MB``)."""
+    text = os.environ.get(MAX_MEMORY_VARIABLE, "")
+    try:
+        megabytes = float(text) if text else DEFAULT_MAX_MEMORY_MB
+    except ValueError:
+        megabytes = math.nan
+    if not (math.isfinite(megabytes) and 0 < megabytes < 2**43):
+        raise InputError(MAX_MEMORY_VARIABLE, f"{text!r} is not a positive number of MiB")
+    return int(megabytes * MIB)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file's header says, before any pixel is decoded: its size, its format (Pillow's name),
+    the channels and bytes per sample OpenCV's ``IMREAD_UNCHANGED`` decode will give (an upper bound where
+    the header leaves it open), and the file's size in bytes."""
+
+    path: Path
+    width: int
+    height: int
+    format: str
+    channels: int
+    sample_bytes: int
+    file_bytes: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def describe(self) -> str:
+        return f"{self.width}x{self.height} ({self.pixels / 1e6:,.1f} megapixels)"
+
+
+# channels OpenCV decodes for Pillow's mode of a header (palette and gray+alpha: expanded to BGR(A))
+_MODE_CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "I;16": 1, "I;16L": 1, "I;16B": 1, "I;16N": 1, "P": 4, "PA": 4,
+                  "LA": 4, "La": 4, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4, "RGBX": 4,
+                  "CMYK": 4}
+_MODE_SAMPLE_BYTES = {"I": 4, "F": 4, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 4, 4: 4, 6: 4}  # by IHDR colour type (palette: RGB or RGBA with tRNS)
+
+
+def _decoded_layout(image: Image.Image, path: Path) -> tuple[int, int]:
+    """(channels, bytes per sample) of OpenCV's decode of ``image`` (Pillow's lazily opened view of ``path``).
+
+    Pillow reports a 16-bit RGB PNG or TIFF as "RGB": the bit depth comes from the PNG's IHDR and the
+    TIFF's BitsPerSample instead. Anything unforeseen counts as 16-bit RGBA, the largest pixel read.
+    """
+    channels, sample_bytes = _MODE_CHANNELS.get(image.mode, 4), _MODE_SAMPLE_BYTES.get(image.mode, 1)
+    if image.mode not in _MODE_CHANNELS:
+        sample_bytes = 2
+    if image.format == "PNG":
+        with open(path, "rb") as handle:
+            ihdr = handle.read(26)
+        if len(ihdr) == 26 and ihdr[12:16] == b"IHDR":
+            channels = _PNG_CHANNELS.get(ihdr[25], 4)
+            sample_bytes = 2 if ihdr[24] == 16 else 1
+    elif image.format == "TIFF":
+        tags = getattr(image, "tag_v2", {})
+        bits = tags.get(258, 8)
+        bits = max(bits) if isinstance(bits, tuple) and bits else bits
+        samples = tags.get(277, 1)
+        channels = max(channels, samples if samples in (1, 3, 4) else 4)
+        sample_bytes = max(sample_bytes, -(-int(bits) // 8) if isinstance(bits, int) and 0 < bits <= 64 else 8)
+    elif image.format in ("JPEG", "MPO") and getattr(image, "bits", 8) > 8:
+        sample_bytes = 2
+    return channels, sample_bytes
+
+
+def read_header(path: Path) -> ImageHeader:
+    """The header of the image file ``path`` (Pillow parses it; no pixels are read), after the file size and
+    format checks; raises InputError for a foreign or damaged header."""
     limit = max_pixels()
     size = path.stat().st_size
     if size > MAX_BYTES_PER_PIXEL * limit + HEADER_BYTES:
@@ -62,6 +150,7 @@ def check_image_size(path: Path) -> None:
             warnings.simplefilter("ignore")
             width, height = image.size
             kind = image.format
+            channels, sample_bytes = _decoded_layout(image, path) if kind in IMAGE_FORMATS else (4, 2)
     except PermissionError:
         raise  # read_rgb8 says the file cannot be read
     except Exception:  # Pillow raises many types on foreign or damaged headers
@@ -69,7 +158,39 @@ def check_image_size(path: Path) -> None:
     if kind not in IMAGE_FORMATS:  # for these, OpenCV picks its decoder by the same signature: the size above holds
         raise InputError(path, f"not a readable image (a {kind} file; the formats read are "
                                f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
-    check_pixel_count(path, width, height)
+    return ImageHeader(path, width, height, kind, channels, sample_bytes, size)
+
+
+def check_image_size(path: Path) -> ImageHeader:
+    """Refuse, before decoding, a file too large on disk or a header declaring more than ``max_pixels()``;
+    the header."""
+    header = read_header(path)
+    check_pixel_count(path, header.width, header.height)
+    return header
+
+
+def decode_bytes(header: ImageHeader) -> int:
+    """Peak bytes ``read_rgb8`` takes for the image of ``header``: the file's bytes with the decoded image twice
+    (OpenCV's ``imdecode`` decodes into a buffer of its own and copies it out: measured for every format
+    read), then the decoded image with its 8-bit RGB conversion (none for 8-bit 3-channel: in place)."""
+    decoded = header.pixels * header.channels * header.sample_bytes
+    eight_bit = header.pixels * header.channels
+    steps = [header.file_bytes + 2 * decoded]
+    if header.sample_bytes > 1:
+        steps.append(decoded + eight_bit)
+    if header.channels != 3 or header.sample_bytes > 1:
+        steps.append(eight_bit + 3 * header.pixels)
+    return max(steps)
+
+
+def check_memory(header: ImageHeader, need: int, what: str) -> None:
+    """Refuse the image of ``header`` when ``need`` bytes (the estimate of what ``what``, e.g. "upscale it x2",
+    takes) are over ``max_memory_bytes()``: one line with the pixels, the estimate and the variable to raise."""
+    budget = max_memory_bytes()
+    if need > budget:
+        raise InputError(header.path, f"{header.describe()} would take about {need / MIB:,.0f} MiB of memory to "
+                                      f"{what}, over the {budget / MIB:,.0f} MiB budget (set {MAX_MEMORY_VARIABLE} "
+                                      f"to {math.ceil(need / MIB)} or more to allow it)")
 
 
 def check_pixel_count(path: Path, width: int, height: int) -> None:
@@ -80,20 +201,24 @@ def check_pixel_count(path: Path, width: int, height: int) -> None:
                                f"(set {MAX_MEGAPIXELS_VARIABLE} above {limit / 1e6:g} to allow larger images)")
 
 
-def read_rgb8(path: str | Path) -> tuple[np.ndarray, list[str]]:
+def read_rgb8(path: str | Path, check: Callable[[ImageHeader], None] | None = None) -> tuple[np.ndarray, list[str]]:
     """Read ``path`` as HxWx3 uint8 RGB; return it with notes on any conversion made.
 
+    ``check`` sees the header before any pixel is decoded and may refuse the image (``check_memory``).
     Raises InputError when the file is missing, unreadable, over the size limits or not an image.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
     try:
-        check_image_size(path)
+        header = check_image_size(path)
+        if check is not None:
+            check(header)
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as error:
         raise InputError(path, f"cannot be read ({error.strerror or error})") from None
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    del data  # the file's bytes: not kept while the pixels are converted
     if image is None:
         raise InputError(path, "not a readable image (corrupt, truncated or unsupported format)")
     notes: list[str] = []
@@ -112,7 +237,7 @@ def read_rgb8(path: str | Path) -> tuple[np.ndarray, list[str]]:
         image = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
         notes.append("alpha channel dropped")
     else:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        cv2.cvtColor(image, cv2.COLOR_BGR2RGB, dst=image)  # in place: no second copy of the pixels
     return image, notes
 
 
@@ -181,6 +306,60 @@ def usable_images(paths: Iterable[Path], warn: Callable[[str], None],
         if skipped is not None:
             skipped.append(reason)
         warn(f"warning: skipped {reason}")
+
+
+class PngWriter:
+    """An 8-bit RGB PNG written to ``handle`` band by band (``write`` each band of rows, top to bottom, then
+    ``close``): only one band is in memory at a time, never the whole image.
+
+    Every row uses the Sub filter and the stream is deflated at level 1 with the RLE strategy: OpenCV's
+    defaults for ``cv2.imwrite``/``imencode`` of a PNG, so files are about the size theirs are, as fast.
+    The pixels decode exactly (any PNG reader); the bytes are not OpenCV's (another deflate library).
+    """
+
+    ROWS = 64  # rows filtered and deflated at once: the encoder's own memory is that many rows, twice
+    CHUNK = 1 << 20  # the largest IDAT chunk written
+
+    def __init__(self, handle: BinaryIO, width: int, height: int):
+        if not (0 < width < 2**31 and 0 < height < 2**31):
+            raise ValueError(f"a PNG cannot be {width}x{height}")
+        self.handle, self.width, self.height, self.rows = handle, width, height, 0
+        handle.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))  # 8-bit RGB, not interlaced
+        self.deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 8, zlib.Z_RLE)
+
+    def _chunk(self, kind: bytes, data) -> None:
+        self.handle.write(struct.pack(">I", len(data)) + kind)
+        self.handle.write(data)
+        self.handle.write(struct.pack(">I", zlib.crc32(data, zlib.crc32(kind))))
+
+    def _idat(self, data: bytes) -> None:
+        for start in range(0, len(data), self.CHUNK):
+            self._chunk(b"IDAT", memoryview(data)[start:start + self.CHUNK])
+
+    def write(self, band: np.ndarray) -> None:
+        """The next ``band`` (rows x width x 3 uint8 RGB) of the image."""
+        if band.dtype != np.uint8 or band.ndim != 3 or band.shape[1:] != (self.width, 3):
+            raise ValueError(f"a band of the {self.width} px wide image must be rows x {self.width} x 3 uint8, "
+                             f"not {band.dtype} {band.shape}")
+        if self.rows + band.shape[0] > self.height:
+            raise ValueError(f"more than the {self.height} rows declared")
+        filtered = np.empty((min(self.ROWS, band.shape[0]), 1 + 3 * self.width), np.uint8)
+        filtered[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to its left (mod 256)
+        for start in range(0, band.shape[0], self.ROWS):
+            rows = band[start:start + self.ROWS].reshape(-1, 3 * self.width)
+            out = filtered[:len(rows)]
+            out[:, 1:4] = rows[:, :3]
+            np.subtract(rows[:, 3:], rows[:, :-3], out=out[:, 4:])
+            self._idat(self.deflate.compress(out))
+        self.rows += band.shape[0]
+
+    def close(self) -> None:
+        """End the image (every declared row must have been written)."""
+        if self.rows != self.height:
+            raise ValueError(f"{self.rows} of the {self.height} rows declared were written")
+        self._idat(self.deflate.flush())
+        self._chunk(b"IEND", b"")
 
 
 def vendor_preprocess(rgb: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -6,12 +6,16 @@ SR output is rounded to uint8; PSNR/SSIM on Y (and RGB) with crop_border = scale
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from dipnet_deploy.imageio import to_uint8_rgb
 from dipnet_deploy.matlab_resize import bicubic_lr, crop_to_multiple
 from dipnet_deploy.metrics import SSIM_WINDOW, psnr, ssim
+
+if TYPE_CHECKING:
+    import torch
 
 
 def unscorable(hr: np.ndarray, scale: int) -> str | None:
@@ -41,6 +45,8 @@ def to_input(rgb: np.ndarray) -> np.ndarray:
 
 def run_torch_whole(model: torch.nn.Module, lr: np.ndarray) -> np.ndarray:
     """Whole-image PyTorch forward of a uint8 RGB LR; returns the rounded uint8 SR."""
+    import torch  # here, not at the top: compare and upscale never need it (some 200 MB of memory)
+
     device = next(model.parameters()).device
     with torch.no_grad():
         output = model(torch.from_numpy(to_input(lr)).to(device)).cpu().numpy()

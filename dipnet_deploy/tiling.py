@@ -11,6 +11,11 @@ official x4 +0.002 dB, packaged x2 -0.005 dB; edge replication -0.085 / -0.009 d
 -0.001 / -0.018 dB, zeros -0.43 / -0.42 dB: zero input is not the zero padding every layer sees
 in a whole-image run). The evaluation
 reports these deviations instead of hiding them.
+
+Images (``TiledRunner.bands``) go tile by tile from the 8-bit RGB image: each tile is made
+float32 (``sr_protocol.to_input``'s arithmetic), run, and its core rounded to uint8 (``imageio.to_uint8_rgb``'s)
+straight into the output rows, which come out one band (a row of tiles) at a time. No float copy of
+the whole image, padded or not, exists: the result is the whole-image ``run``'s, rounded, exactly.
 """
 
 from __future__ import annotations
@@ -62,6 +67,25 @@ def smallest_tile(field: ReceptiveField) -> int:
     return 2 * (field.radius + 1) + 1 if field.local else 0
 
 
+CONVERT_ROWS = 256  # output rows of a tile rounded to uint8 at once (a float32 scratch of that many rows)
+
+
+def _mirrored(length: int, tile: int) -> np.ndarray | None:
+    """Indices of a side of ``length`` px mirror-padded to ``tile`` (np.pad's "symmetric"); None when it
+    is at least a tile long (not padded)."""
+    return None if length >= tile else np.pad(np.arange(length), (0, tile - length), mode="symmetric")
+
+
+def _round_into(chw: np.ndarray, hwc: np.ndarray) -> None:
+    """``hwc[...] = imageio.to_uint8_rgb(chw[None])``, the same arithmetic (x 255 in float32, clip, round half
+    to even), a few rows at a time."""
+    for start in range(0, chw.shape[1], CONVERT_ROWS):
+        part = np.multiply(chw[:, start:start + CONVERT_ROWS], 255.0)
+        np.clip(part, 0, 255, out=part)
+        np.round(part, out=part)
+        hwc[start:start + CONVERT_ROWS] = part.transpose(1, 2, 0)
+
+
 def tile_starts(length: int, tile: int, halo: int) -> list[int]:
     """Start offsets of tiles covering [0, length); cores abut (step = tile - 2 * halo)."""
     if length <= tile:
@@ -78,6 +102,15 @@ def core(start: int, tile: int, length: int, halo: int) -> tuple[int, int]:
     begin = start + halo if start > 0 else 0
     end = start + tile - halo if start + tile < length else min(length, start + tile)
     return begin, end
+
+
+def final_cores(length: int, tile: int, halo: int) -> list[tuple[int, int, int]]:
+    """(start, begin, end) of each tile along a side: the part of its core no later tile overwrites in ``run``
+    (the last tile's core may overlap the one before; cores otherwise abut). These parts cover [0, length)."""
+    starts = tile_starts(length, tile, halo)
+    cores = [core(start, tile, length, halo) for start in starts]
+    ends = [begin for begin, _ in cores[1:]] + [cores[-1][1]]
+    return [(start, begin, min(end, last)) for start, (begin, end), last in zip(starts, cores, ends)]
 
 
 class TiledRunner:
@@ -118,6 +151,49 @@ class TiledRunner:
         for top in tile_starts(height, self.tile_h, self.halo):
             for left in tile_starts(width, self.tile_w, self.halo):
                 yield top, left, np.ascontiguousarray(padded[:, :, top:top + self.tile_h, left:left + self.tile_w])
+
+    def tile_count(self, height: int, width: int) -> int:
+        """Tiles of an ``height`` x ``width`` input."""
+        return len(tile_starts(height, self.tile_h, self.halo)) * len(tile_starts(width, self.tile_w, self.halo))
+
+    def band_rows(self, height: int) -> int:
+        """Output rows of the tallest band ``bands`` yields for an input ``height`` rows tall."""
+        return max(end - begin for _, begin, end in final_cores(height, self.tile_h, self.halo)) * self.scale
+
+    def bands(self, rgb: np.ndarray, out: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        """HxWx3 uint8 RGB -> its (rH)x(rW)x3 uint8 RGB upscaled, rounded, one band (the final output rows of
+        a row of tiles, top to bottom) at a time: views of ``out`` when it is given (filled in as the bands
+        come), else new arrays. Equal to ``to_uint8_rgb(run(to_input(rgb))[0])``, exactly: where the cores
+        of the last two tiles of a side overlap, the later tile's pixels are kept, as ``run`` keeps them."""
+        height, width = rgb.shape[:2]
+        r = self.scale
+        if out is not None and (out.shape != (height * r, width * r, 3) or out.dtype != np.uint8):
+            raise ValueError(f"out must be {height * r}x{width * r}x3 uint8, not {out.dtype} {out.shape}")
+        rows, columns = _mirrored(height, self.tile_h), _mirrored(width, self.tile_w)
+        x = np.empty((1, 3, self.tile_h, self.tile_w), np.float32)
+        for top, y0, y1 in final_cores(height, self.tile_h, self.halo):
+            band = np.empty(((y1 - y0) * r, width * r, 3), np.uint8) if out is None else out[y0 * r:y1 * r]
+            for left, x0, x1 in final_cores(width, self.tile_w, self.halo):
+                if rows is None and columns is None:
+                    x[0] = rgb[top:top + self.tile_h, left:left + self.tile_w].transpose(2, 0, 1)
+                elif rows is None:  # narrower than a tile: mirror-padded to it, as np.pad(mode="symmetric")
+                    x[0] = rgb[top:top + self.tile_h][:, columns].transpose(2, 0, 1)
+                else:  # lower than a tile (and maybe narrower): the same, the columns taken first
+                    x[0] = rgb[:, slice(left, left + self.tile_w) if columns is None else columns][rows].transpose(2, 0, 1)
+                x /= 255.0  # to_input's arithmetic: float32(value) / 255 in float32
+                result = self.forward(x)
+                _round_into(result[0, :, (y0 - top) * r:(y1 - top) * r, (x0 - left) * r:(x1 - left) * r],
+                            band[:, x0 * r:x1 * r])
+                del result  # before the next forward makes its own
+            yield band
+            del band  # a band the caller let go of is gone before the next one is made
+
+    def run_rgb8(self, rgb: np.ndarray) -> tuple[np.ndarray, int]:
+        """HxWx3 uint8 RGB -> ((rH)x(rW)x3 uint8 RGB, number of tiles): ``bands`` into one array."""
+        out = np.empty((rgb.shape[0] * self.scale, rgb.shape[1] * self.scale, 3), np.uint8)
+        for _ in self.bands(rgb, out):
+            pass
+        return out, self.tile_count(*rgb.shape[:2])
 
     def run(self, lr: np.ndarray) -> tuple[np.ndarray, int]:
         """[1, 3, h, w] float32 -> ([1, 3, h*r, w*r] float32, number of tiles)."""

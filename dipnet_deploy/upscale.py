@@ -6,7 +6,10 @@ Conventions:
   result; an image smaller than the model input is mirror-padded up to it (a band near its
   right/bottom edge then differs slightly, as documented in ``tiling.py``); output rounded to uint8;
 - images are read as 8-bit RGB (``imageio.read_rgb8``: gray replicated, alpha dropped, 16-bit
-  reduced, each with a warning) and written as PNG: ``a/b.jpg`` -> ``OUT/a/b.png``;
+  reduced, each with a warning) and written as PNG: ``a/b.jpg`` -> ``OUT/a/b.png``; the output is
+  written band by band as the tiles come (``TiledRunner.bands`` into ``imageio.PngWriter``), never
+  whole in memory; an image whose header says it would take more than ``DIPNET_MAX_MEMORY_MB``
+  (``upscale_bytes``) is refused before it is decoded;
 - videos (``VIDEO_SUFFIXES``) keep their name and container; every frame of the first video
   stream is upscaled and encoded (H.264 by default, VP9 for WebM) with the input's timestamps,
   frame rate and colour tags; audio streams are copied packet for packet; other streams
@@ -23,24 +26,33 @@ Conventions:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.compare import inspect_model
 from dipnet_deploy.errors import InputError, RunEndingError
 from dipnet_deploy.fileio import atomic_path, refuse_unwritable, removing_empty_folders, temp_beside, write_bytes_atomic
-from dipnet_deploy.imageio import IMAGE_SUFFIXES, not_a_file, read_rgb8, to_uint8_rgb, unreadable_folder
+from dipnet_deploy.imageio import (
+    IMAGE_SUFFIXES,
+    ImageHeader,
+    PngWriter,
+    check_memory,
+    decode_bytes,
+    max_memory_bytes,
+    not_a_file,
+    read_rgb8,
+    unreadable_folder,
+)
 from dipnet_deploy.progress import Progress, no_progress, ticks
 from dipnet_deploy.runtime import check_parallelism, check_runtime
 from dipnet_deploy.safety import refuse_collisions, same_file
-from dipnet_deploy.sr_protocol import to_input
 from dipnet_deploy.tiling import TiledRunner
 from dipnet_deploy.video import VIDEO_SUFFIXES, check_codec, count_frames, default_codec, transcode
 
@@ -132,16 +144,45 @@ def plan(inputs: list[Path], output_dir: Path, warn: Callable[[str], None] = pri
 
 def upscale_rgb(runner: TiledRunner, rgb: np.ndarray) -> np.ndarray:
     """HxWx3 uint8 RGB -> (rH)x(rW)x3 uint8 RGB through the tiled model, rounded."""
-    return np.ascontiguousarray(to_uint8_rgb(runner.run(to_input(rgb))[0]))
+    return runner.run_rgb8(rgb)[0]
+
+
+def upscale_bytes(header: ImageHeader, runner: TiledRunner, png_in_memory: bool = False) -> int:
+    """Peak bytes reading and upscaling the image of ``header`` takes: decoding it (``decode_bytes``), then
+    its pixels, one band of output rows and the encoder's rows; with ``png_in_memory`` also the encoded PNG
+    (at most its raw size). The model's own memory (its session, a tile's float32 input and output) does
+    not grow with the image and is not counted."""
+    r = runner.scale
+    row = 1 + 3 * header.width * r  # a PNG row: its filter byte and pixels
+    band = runner.band_rows(header.height) * header.width * r * 3
+    work = 3 * header.pixels + band + 2 * PngWriter.ROWS * row
+    if png_in_memory:  # deflate never grows the data by more than a little
+        work += header.height * r * row * 1001 // 1000 + (1 << 20)
+    return max(decode_bytes(header), work)
+
+
+def memory_check(runner: TiledRunner, png_in_memory: bool = False) -> Callable[[ImageHeader], None]:
+    """``read_rgb8``'s check for upscaling with ``runner``: refuse an image over the memory budget."""
+    return lambda header: check_memory(header, upscale_bytes(header, runner, png_in_memory),
+                                       f"upscale it x{runner.scale}")
+
+
+def write_upscaled_png(runner: TiledRunner, rgb: np.ndarray, handle) -> None:
+    """The upscaled ``rgb`` (HxWx3 uint8) as a PNG into the binary file ``handle``, band by band."""
+    writer = PngWriter(handle, rgb.shape[1] * runner.scale, rgb.shape[0] * runner.scale)
+    for band in runner.bands(rgb):
+        writer.write(band)
+        del band  # one band in memory at a time
+    writer.close()
 
 
 def upscaled_png(runner: TiledRunner, source: Path) -> tuple[bytes, list[str]]:
     """The upscaled image ``source`` encoded as PNG, and the notes on its conversion to 8-bit RGB."""
-    rgb, notes = read_rgb8(source)
-    ok, data = cv2.imencode(".png", cv2.cvtColor(upscale_rgb(runner, rgb), cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise InputError(source, "could not encode the upscaled PNG")
-    return data.tobytes(), notes
+    rgb, notes = read_rgb8(source, memory_check(runner, png_in_memory=True))
+    buffer = io.BytesIO()
+    write_upscaled_png(runner, rgb, buffer)
+    del rgb
+    return buffer.getvalue(), notes
 
 
 def upscale_video_into(runner: TiledRunner, source: Path, target: Path, options: UpscaleOptions,
@@ -159,10 +200,11 @@ def upscale_job(runner: TiledRunner, job: Job, options: UpscaleOptions, tick: Ca
     if job.video:
         with atomic_path(job.target) as temp:
             return upscale_video_into(runner, job.source, temp, options, tick)
-    data, notes = upscaled_png(runner, job.source)
+    rgb, notes = read_rgb8(job.source, memory_check(runner))  # refused before decoding when over the budget
     for note in notes:
         warn(f"note: {job.source}: {note}")
-    write_bytes_atomic(job.target, data)
+    with atomic_path(job.target) as temp, open(temp, "wb") as handle:
+        write_upscaled_png(runner, rgb, handle)
     tick()
     return 1
 
@@ -180,6 +222,7 @@ def upscale(inputs: list[Path], model_path: Path, output_dir: Path, options: Ups
         import_ray()  # before any work: refuse at once without the extra
     inspect_model(Path(model_path), "model")
     check_parallelism(options.threads, "--threads")
+    max_memory_bytes()  # DIPNET_MAX_MEMORY_MB refused at once when it is no number of MiB
     jobs = plan(inputs, output_dir, warn)
     todo = []
     result = UpscaleResult()

@@ -161,3 +161,11 @@ def _fresh_resize_matrices():
     from dipnet_deploy.matlab_resize import resize_matrix
 
     resize_matrix.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_resize_weights():
+    """The same for the band weights ``imresize`` uses (``matlab_resize.axis_weights``)."""
+    from dipnet_deploy.matlab_resize import axis_weights
+
+    axis_weights.cache_clear()

@@ -1,0 +1,443 @@
+"""Memory of large images: upscale and compare hold uint8 images and bands, never whole float copies; an
+image whose header says it would take more than DIPNET_MAX_MEMORY_MB is refused before it is decoded.
+
+The references here are the whole-image implementations these replaced (float tiling, dense resize
+matrices, whole-image float64 metrics), kept as they were, so a change of any number shows.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
+from dipnet_deploy import imageio, matlab_resize, metrics
+from dipnet_deploy.compare import compare_bytes
+from dipnet_deploy.imageio import PngWriter, decode_bytes, read_header, read_rgb8, to_uint8_rgb
+from dipnet_deploy.sr_protocol import make_pair, to_input
+from dipnet_deploy.tiling import TiledRunner
+from dipnet_deploy.upscale import upscale_bytes, upscale_rgb
+
+from .conftest import EVAL, need
+
+# --------------------------------------------------------------------------- models and images
+
+
+def conv_x2(path: Path, height: int, width: int, seed: int = 0) -> Path:
+    """A 3x3 Conv (3 -> 12) and DepthToSpace x2 with fixed input 1x3xHxW: a local model (radius 1), its
+    outputs partly outside [0, 1] so that clipping and rounding are exercised."""
+    rng = np.random.default_rng(seed)
+    weight = (rng.standard_normal((12, 3, 3, 3)) * 0.15).astype(np.float32)
+    weight[:, :, 1, 1] += 0.4
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["input", "w"], ["pre"], pads=[1, 1, 1, 1]),
+         helper.make_node("DepthToSpace", ["pre"], ["output"], blocksize=2)], "conv_x2",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, height, width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 2 * height, 2 * width])],
+        [numpy_helper.from_array(weight, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def smooth(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.GaussianBlur((rng.random((height, width, 3)) * 255).astype(np.uint8), (5, 5), 1.2)
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose IHDR declares ``width`` x ``height`` 8-bit RGB, with a few bytes of data: what a bomb's
+    header says, a header read costs nothing, a decode would."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * width))) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model16x24(tmp_path_factory) -> Path:
+    return conv_x2(tmp_path_factory.mktemp("conv") / "m.onnx", 16, 24)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list:
+    """Every call of the decoder ``read_rgb8`` uses (its path), recorded."""
+    calls = []
+    real = cv2.imdecode
+
+    def recorded(data, flags):
+        calls.append(len(data))
+        return real(data, flags)
+
+    monkeypatch.setattr(imageio.cv2, "imdecode", recorded)
+    return calls
+
+
+def one_line(err: str) -> list[str]:
+    return [line for line in err.strip().splitlines() if "%|" not in line and line.strip()]
+
+
+# --------------------------------------------------------------------------- the tiled uint8 path
+
+
+@pytest.mark.parametrize("height, width", [(16, 24), (10, 12), (37, 61), (5, 100), (100, 5), (33, 24), (17, 25)])
+def test_bands_equal_the_whole_float_path_exactly(model16x24, height, width):
+    """``bands``/``run_rgb8`` (tile by tile into uint8) give what ``run`` on the whole float32 image, rounded,
+    gives: bit for bit, for images smaller than a tile (mirror-padded), one tile, and many."""
+    runner = TiledRunner(str(model16x24))
+    rgb = (np.random.default_rng(height * width).random((height, width, 3)) * 255).astype(np.uint8)
+    whole, tiles = runner.run(to_input(rgb))
+    expected = to_uint8_rgb(whole)
+    got, count = runner.run_rgb8(rgb)
+    assert count == tiles and got.dtype == np.uint8 and got.flags.c_contiguous
+    assert np.array_equal(got, expected)
+    bands = list(runner.bands(rgb))
+    assert sum(len(band) for band in bands) == 2 * height
+    assert max(len(band) for band in bands) <= runner.band_rows(height)
+    assert np.array_equal(np.concatenate(bands), expected)
+    assert np.array_equal(upscale_rgb(runner, rgb), expected)
+
+
+class DriftingRunner(TiledRunner):
+    """Tiling around a forward whose output changes with every call (as a model with a global field sees each
+    tile differently): where tile cores overlap, which tile's pixels are kept shows."""
+
+    def __init__(self, tile_h: int, tile_w: int, halo: int):
+        self.tile_h, self.tile_w, self.scale, self.halo, self.calls = tile_h, tile_w, 2, halo, 0
+
+    def forward(self, tile: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        return (tile * 0.9 + 0.013 * self.calls).repeat(2, axis=2).repeat(2, axis=3).astype(np.float32)
+
+
+@pytest.mark.parametrize("height, width", [(21, 29), (47, 28), (58, 83), (200, 31)])
+def test_bands_keep_the_pixels_run_keeps_where_cores_overlap(height, width):
+    rgb = (np.random.default_rng(7).random((height, width, 3)) * 255).astype(np.uint8)
+    expected = to_uint8_rgb(DriftingRunner(20, 28, 4).run(to_input(rgb))[0])
+    assert np.array_equal(DriftingRunner(20, 28, 4).run_rgb8(rgb)[0], expected)
+    assert np.array_equal(np.concatenate(list(DriftingRunner(20, 28, 4).bands(rgb))), expected)
+
+
+def test_tiled_uint8_equals_a_whole_image_onnxruntime_run(tmp_path):
+    """A local model through 16x24 tiles gives what the same weights give run on the whole 45x70 image."""
+    height, width = 45, 70
+    tiled = TiledRunner(str(conv_x2(tmp_path / "tile.onnx", 16, 24, seed=3)))
+    whole = ort.InferenceSession(str(conv_x2(tmp_path / "whole.onnx", height, width, seed=3)),
+                                 providers=["CPUExecutionProvider"])
+    rgb = smooth(height, width, 1)
+    reference = whole.run(None, {"input": to_input(rgb)})[0]
+    got, tiles = tiled.run_rgb8(rgb)
+    assert tiles >= 9
+    assert np.abs(tiled.run(to_input(rgb))[0] - reference).max() <= 1e-6
+    assert np.array_equal(got, to_uint8_rgb(reference))
+
+
+# --------------------------------------------------------------------------- PNG written band by band
+
+
+@pytest.mark.parametrize("height, width, cuts", [(37, 53, [1, 8, 20]), (1, 1, []), (130, 7, [64, 65, 129])])
+def test_png_writer_round_trips_exactly(height, width, cuts):
+    rgb = smooth(height, width, height)
+    buffer = io.BytesIO()
+    writer = PngWriter(buffer, width, height)
+    for start, end in zip([0, *cuts], [*cuts, height]):
+        writer.write(rgb[start:end])
+    writer.close()
+    data = buffer.getvalue()
+    assert np.array_equal(cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED),
+                                       cv2.COLOR_BGR2RGB), rgb)
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # Pillow checks every chunk's CRC and the stream's end
+        assert image.mode == "RGB" and np.array_equal(np.asarray(image), rgb)
+
+
+def test_png_writer_is_about_opencvs_size_and_refuses_a_short_image():
+    rgb = smooth(300, 400, 2)
+    buffer = io.BytesIO()
+    writer = PngWriter(buffer, 400, 300)
+    writer.write(rgb)
+    writer.close()
+    ours, theirs = len(buffer.getvalue()), len(cv2.imencode(".png", rgb)[1])
+    assert 0.8 * theirs <= ours <= 1.2 * theirs, (ours, theirs)  # the same filter and deflate settings
+    writer = PngWriter(io.BytesIO(), 400, 300)
+    writer.write(rgb[:299])
+    with pytest.raises(ValueError, match="299 of the 300 rows"):
+        writer.close()
+    with pytest.raises(ValueError, match="rows x 400 x 3 uint8"):
+        writer.write(rgb[:, :399])
+
+
+def test_upscaled_png_is_the_whole_image_result(model16x24, tmp_path, invoke):
+    """The CLI's PNG (written band by band) decodes to the whole float path's rounded output."""
+    rgb = smooth(45, 70, 4)
+    cv2.imwrite(str(tmp_path / "in.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    code, _, err = invoke("upscale", tmp_path / "in.png", "--model", model16x24, "-o", tmp_path / "out")
+    assert code == 0, err
+    expected = to_uint8_rgb(TiledRunner(str(model16x24)).run(to_input(rgb))[0])
+    assert np.array_equal(read_rgb8(tmp_path / "out" / "in.png")[0], expected)
+    from dipnet_deploy.upscale import upscaled_png  # what a Ray worker sends back
+
+    data, _ = upscaled_png(TiledRunner(str(model16x24)), tmp_path / "in.png")
+    assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[..., ::-1], expected)
+
+
+# --------------------------------------------------------------------------- refused from the header
+
+
+def test_header_over_the_budget_is_refused_before_decoding(model16x24, tmp_path, invoke, monkeypatch, decodes):
+    """20000x20000 declared in a 1 KB file, within a raised megapixel limit: one line naming the file, the
+    pixels, the memory and the variable to raise, exit 2, nothing written, the decoder never called."""
+    monkeypatch.setenv("DIPNET_MAX_MEGAPIXELS", "1000")
+    bomb = png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    code, _, err = invoke("upscale", bomb, "--model", model16x24, "-o", tmp_path / "out")
+    lines = one_line(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for words in ("bomb.png", "20000x20000", "400.0 megapixels", "MiB", "DIPNET_MAX_MEMORY_MB", "upscale it x2"):
+        assert words in lines[0], (words, lines[0])
+    assert decodes == [] and not (tmp_path / "out").exists()
+
+
+def test_a_real_bomb_over_a_low_budget_is_refused_and_a_raised_budget_lets_it_through(tmp_path, invoke, monkeypatch,
+                                                                                    decodes):
+    """A 2000x1500 black PNG (some 10 KB: a real bomb, decodable) over a 10 MiB budget; the estimate the
+    message gives is the budget that lets it through."""
+    model = conv_x2(tmp_path / "m.onnx", 500, 700)
+    bomb = tmp_path / "black.png"
+    cv2.imwrite(str(bomb), np.zeros((1500, 2000, 3), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    assert bomb.stat().st_size < 20_000
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", "10")
+    code, _, err = invoke("upscale", bomb, "--model", model, "-o", tmp_path / "out")
+    lines = one_line(err)
+    assert code == 2 and len(lines) == 1 and "black.png" in lines[0] and decodes == [], err
+    need_mib = int(lines[0].split("DIPNET_MAX_MEMORY_MB to ")[1].split()[0])
+    assert need_mib == math.ceil(upscale_bytes(read_header(bomb), TiledRunner(str(model))) / 2**20)
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", str(need_mib))
+    code, _, err = invoke("upscale", bomb, "--model", model, "-o", tmp_path / "out")
+    assert code == 0 and decodes, err
+    assert cv2.imread(str(tmp_path / "out" / "black.png")).shape == (3000, 4000, 3)
+
+
+def test_compare_skips_an_image_over_the_budget_before_decoding_and_scores_the_rest(tmp_path, invoke, monkeypatch,
+                                                                                  decodes):
+    fp32 = conv_x2(tmp_path / "m.onnx", 32, 48)
+    data = tmp_path / "hr"
+    data.mkdir()
+    cv2.imwrite(str(data / "a.png"), smooth(96, 128, 5))
+    monkeypatch.setenv("DIPNET_MAX_MEGAPIXELS", "1000")
+    png_header_only(data / "bomb.png", 12000, 9000)
+    code, _, err = invoke("compare", tmp_path / "report", "--fp32", fp32, "--data", data, "--repeats", "1")
+    assert code == 0, err
+    warning = [line for line in one_line(err) if "bomb.png" in line]
+    assert len(warning) == 1 and "108.0 megapixels" in warning[0] and "DIPNET_MAX_MEMORY_MB" in warning[0], err
+    assert "score it x2" in warning[0]
+    assert len(decodes) == 2  # a.png, scored, then read again for the report's pictures; never the bomb
+    assert (tmp_path / "report" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e300"])
+def test_a_budget_that_is_no_number_of_mib_is_refused_before_any_work(value, model16x24, tmp_path, invoke,
+                                                                      monkeypatch):
+    cv2.imwrite(str(tmp_path / "in.png"), smooth(20, 20, 0))
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", value)
+    code, _, err = invoke("upscale", tmp_path / "in.png", "--model", model16x24, "-o", tmp_path / "out")
+    lines = one_line(err)
+    assert code == 2 and len(lines) == 1 and "DIPNET_MAX_MEMORY_MB" in lines[0] and "MiB" in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def _encoded(path: Path, array: np.ndarray, kind: str) -> Path:
+    if kind == "palette":
+        Image.fromarray(array[..., 0]).convert("P").save(path)
+    else:
+        assert cv2.imwrite(str(path), array)
+    return path
+
+
+@pytest.mark.parametrize("name, array, kind, layout", [
+    ("rgb.png", np.full((30, 40, 3), 9, np.uint8), "", (3, 1)),
+    ("gray.png", np.full((30, 40), 9, np.uint8), "", (1, 1)),
+    ("rgba.png", np.full((30, 40, 4), 9, np.uint8), "", (4, 1)),
+    ("rgb16.png", np.full((30, 40, 3), 999, np.uint16), "", (3, 2)),
+    ("gray16.png", np.full((30, 40), 999, np.uint16), "", (1, 2)),
+    ("rgba16.png", np.full((30, 40, 4), 999, np.uint16), "", (4, 2)),
+    ("pal.png", np.full((30, 40, 3), 9, np.uint8), "palette", (4, 1)),
+    ("rgb.jpg", np.full((30, 40, 3), 9, np.uint8), "", (3, 1)),
+    ("gray.jpg", np.full((30, 40), 9, np.uint8), "", (1, 1)),
+    ("rgb16.tif", np.full((30, 40, 3), 999, np.uint16), "", (3, 2)),
+    ("rgba.webp", np.full((30, 40, 4), 9, np.uint8), "", (4, 1)),
+    ("rgb.bmp", np.full((30, 40, 3), 9, np.uint8), "", (3, 1)),
+])
+def test_header_layout_bounds_what_the_decoder_gives(tmp_path, name, array, kind, layout):
+    """The channels and bytes per sample read from the header (Pillow says "RGB" for a 16-bit PNG or TIFF)
+    are what OpenCV decodes, or more (a palette may come out with alpha), never less."""
+    path = _encoded(tmp_path / name, array, kind)
+    header = read_header(path)
+    decoded = cv2.imdecode(np.fromfile(str(path), np.uint8), cv2.IMREAD_UNCHANGED)
+    channels = 1 if decoded.ndim == 2 else decoded.shape[2]
+    assert (header.width, header.height) == (40, 30)
+    assert (header.channels, header.sample_bytes) == layout
+    assert header.channels >= channels and header.sample_bytes >= decoded.itemsize
+    assert decode_bytes(header) >= header.file_bytes + 2 * decoded.nbytes
+
+
+def test_estimates_count_what_each_command_holds_per_pixel(model16x24, tmp_path):
+    runner = TiledRunner(str(model16x24))
+    for side in (1000, 4000):
+        header = read_header(png_header_only(tmp_path / f"{side}.png", side, side))
+        pixels = header.pixels
+        # decoding: OpenCV's buffer and its copy (the file is some bytes); a band of tiles is small here
+        assert 6 * pixels <= upscale_bytes(header, runner) <= 6 * pixels + (8 << 20)
+        # the encoded PNG a Ray worker sends back: up to the raw x2 output (12 B/px) beside the pixels
+        assert upscale_bytes(header, runner, png_in_memory=True) >= 15 * pixels
+        # the report's float copies of the worst image (72 B/px) beside HR, fp32 and bicubic (3 B/px each)
+        fp32 = compare_bytes(header, {"fp32": runner}, "sr", 2)
+        assert 81 * pixels <= fp32 <= 81 * pixels + (100 << 20)
+        assert compare_bytes(header, {"fp32": runner, "int8": runner}, "sr", 2) == fp32 + 3 * pixels
+        # seed: the outputs are the model's size, whatever the image; the HR, its LR, the resize's bands
+        assert compare_bytes(header, {"fp32": runner}, "seed", 2) <= 6 * pixels + (100 << 20)
+
+
+# --------------------------------------------------------------------------- resize and metrics, lean
+
+
+def dense_imresize(image: np.ndarray, scale: float) -> np.ndarray:
+    """The former whole-image ``imresize``: two products with dense float64 matrices."""
+    height, width = image.shape[:2]
+    out_h, out_w = int(math.ceil(height * scale)), int(math.ceil(width * scale))
+    rows = matlab_resize.resize_matrix(height, out_h, float(scale))
+    cols = matlab_resize.resize_matrix(width, out_w, float(scale))
+    resized = np.tensordot(rows, image.astype(np.float64), axes=(1, 0))
+    resized = np.moveaxis(np.tensordot(cols, resized, axes=(1, 1)), 0, 1)
+    return np.floor(np.clip(resized, 0, 255) + 0.5).astype(np.uint8) if image.dtype == np.uint8 else resized
+
+
+def set5() -> list[np.ndarray]:
+    return [read_rgb8(path)[0] for path in sorted(need(EVAL / "Set5").iterdir())]
+
+
+def test_banded_imresize_equals_the_dense_matrix_products(monkeypatch):
+    """Bands of a few rows (forced small here) give the dense products' result: bit for bit at x2 and x4 (every
+    weight a short binary fraction), uint8 equal and floats within 1e-12 at x3."""
+    monkeypatch.setattr(matlab_resize, "BAND_BYTES", 20_000)
+    rng = np.random.default_rng(0)
+    images = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in [(37, 53), (60, 8), (5, 7)]]
+    for image in images + [set5()[1][:96, :120]]:
+        for scale in (2, 3, 4):
+            hr = matlab_resize.crop_to_multiple(image, scale)
+            for factor in (1 / scale, scale):
+                assert np.array_equal(matlab_resize.imresize(hr, factor), dense_imresize(hr, factor)), (scale, factor)
+                floats = hr.astype(np.float64)
+                got, expected = matlab_resize.imresize(floats, factor), dense_imresize(floats, factor)
+                assert got.shape == expected.shape
+                assert np.array_equal(got, expected) if scale != 3 else np.abs(got - expected).max() <= 1e-12
+
+
+def test_benchmark_pairs_unchanged_on_set5():
+    for image in set5():
+        for scale in (2, 4):
+            hr, lr = make_pair(image, scale)
+            assert np.array_equal(lr, dense_imresize(hr, 1 / scale))
+            assert np.array_equal(matlab_resize.imresize(lr, scale), dense_imresize(lr, scale))
+
+
+def whole_psnr(img: np.ndarray, ref: np.ndarray, crop: int, y: bool) -> float:
+    """The former PSNR: whole-image float64 arrays."""
+    a, b = (metrics._prepare(x, crop, y) for x in (img, ref))
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
+
+
+def whole_ssim(img: np.ndarray, ref: np.ndarray, crop: int, y: bool) -> float:
+    """The former SSIM: whole-image float64 planes, one 'valid' map each."""
+    a, b = (metrics._prepare(x, crop, y) for x in (img, ref))
+    return float(np.mean([metrics._ssim_sum(a[..., c].copy(), b[..., c].copy())
+                          / ((a.shape[0] - 10) * (a.shape[1] - 10)) for c in range(a.shape[2])]))
+
+
+def _noisy(image: np.ndarray, seed: int) -> np.ndarray:
+    noise = np.random.default_rng(seed).integers(-12, 13, image.shape)
+    return np.clip(image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("block_pixels", [1 << 19, 3000])
+def test_metrics_in_blocks_match_the_whole_image_float64(monkeypatch, block_pixels):
+    """One block (the default on these sizes): the same numbers bit for bit; many small blocks: within 1e-9 dB
+    and 1e-10 (the order of the sums only), on random images and Set5."""
+    monkeypatch.setattr(metrics, "BLOCK_PIXELS", block_pixels)
+    monkeypatch.setattr(metrics, "BLOCK_WIDTH", 64)
+    rng = np.random.default_rng(1)
+    images = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in [(90, 130), (40, 300), (23, 19)]]
+    for index, ref in enumerate(images + [image[:150, :200] for image in set5()]):
+        img = _noisy(ref, index)
+        for crop, y in [(0, False), (2, True), (4, False), (4, True)]:
+            pairs = [(metrics.psnr(img, ref, crop, y), whole_psnr(img, ref, crop, y)),
+                     (metrics.ssim(img, ref, crop, y), whole_ssim(img, ref, crop, y))]
+            if block_pixels == 1 << 19:
+                assert pairs[0][0] == pairs[0][1] and pairs[1][0] == pairs[1][1], (index, crop, y)
+            else:
+                assert abs(pairs[0][0] - pairs[0][1]) <= 1e-9 and abs(pairs[1][0] - pairs[1][1]) <= 1e-10
+        assert metrics.max_abs_difference(img, ref) == float(np.abs(img.astype(float) - ref.astype(float)).max())
+
+
+# --------------------------------------------------------------------------- measured: a child's peak memory
+
+
+# the CLI, writing its own peak resident memory (VmHWM, KiB) to argv[1] as it exits: a child's ru_maxrss would
+# include the memory of the test process it was forked from
+PEAK_CLI = """
+import atexit, sys
+def peak(path=sys.argv[1]):
+    with open("/proc/self/status") as status, open(path, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(peak)
+sys.argv = ["dipnet-deploy", *sys.argv[2:]]
+from dipnet_deploy.cli import run
+run()
+"""
+
+
+def _peak_kib(args: list, env: dict, tmp_path: Path) -> int:
+    """Peak resident memory (KiB) of the CLI run in a child process with ``args``; the run must succeed."""
+    report = tmp_path / "peak.txt"
+    done = subprocess.run([sys.executable, "-c", PEAK_CLI, str(report), *map(str, args)], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return int(report.read_text())
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the peak memory from /proc (Linux)")
+def test_upscale_of_a_4_megapixel_image_costs_a_few_bytes_per_pixel(tmp_path):
+    """What a 2400x1600 image adds to the peak memory of upscale x2, against an image of two tiles, stays
+    within the estimate the budget is checked against, and under 10 bytes per input pixel (the whole-image
+    float path took some 170: a float32 copy of the output alone is 48)."""
+    model = conv_x2(tmp_path / "m.onnx", 256, 256)
+    small, large = tmp_path / "small.png", tmp_path / "large.png"
+    cv2.imwrite(str(small), smooth(256, 400, 0))  # two tiles: the runtime's memory grows at its second forward
+    y, x = np.mgrid[0:1600, 0:2400]
+    picture = np.stack([(x * 7 + y) % 256, (x + y * 3) % 256, (x * y) % 256], axis=2).astype(np.uint8)
+    cv2.imwrite(str(large), picture)
+    env = {"OMP_NUM_THREADS": "1"}
+    base = _peak_kib(["upscale", small, "--model", model, "-o", tmp_path / "a", "--threads", "1"], env, tmp_path)
+    peak = _peak_kib(["upscale", large, "--model", model, "-o", tmp_path / "b", "--threads", "1"], env, tmp_path)
+    added = (peak - base) * 1024
+    pixels = 2400 * 1600
+    estimate = upscale_bytes(read_header(large), TiledRunner(str(model)))
+    assert added <= estimate, (added / pixels, estimate / pixels)
+    assert added / pixels < 10, added / pixels
+    print(f"added {added / pixels:.2f} B/px, estimate {estimate / pixels:.2f} B/px")  # measured 6.25 and 6.85
+    assert cv2.imread(str(tmp_path / "b" / "large.png")).shape == (3200, 4800, 3)
