@@ -29,7 +29,7 @@ from dipnet_deploy.calibrate import PASS2_BUDGET_BYTES
 from dipnet_deploy.fileio import scratch_dir
 from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.quantize import depth_to_space_on_float
+from dipnet_deploy.qdq_graph import dequantize_early
 from dipnet_deploy.range_graphs import group_by_budget, session, tensor_shapes, values_model
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
@@ -53,7 +53,7 @@ class QdqPair:
 
 def activation_pairs(model: onnx.ModelProto) -> list[QdqPair]:
     """Every QuantizeLinear of a non-constant tensor with the DequantizeLinear nodes reading it, in graph order
-    (``model`` as ``quantize.depth_to_space_on_float`` leaves it: each DQ reading its Q)."""
+    (``model`` as ``qdq_graph.dequantize_early`` leaves it: each DQ reading its Q)."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producers = {output: node.op_type for node in graph.node for output in node.output}
@@ -140,7 +140,7 @@ def diagnose(int8_path: Path, rows: list[dict], protocol: str, scale: int,
     ``rows``: the comparison's per-image rows (``image`` and ``psnr_y["int8"]``); ``evaluate(hr,
     runners)`` scores one HR image as the comparison does (``compare.evaluate_image``).
     """
-    int8 = depth_to_space_on_float(onnx.load(str(int8_path)))
+    int8 = dequantize_early(onnx.load(str(int8_path)))
     pairs = activation_pairs(int8)
     images = [read_rgb8(row["image"])[0] for row in rows]
     base = float(np.mean([row["psnr_y"]["int8"] for row in rows]))

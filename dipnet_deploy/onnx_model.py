@@ -21,9 +21,10 @@ from dipnet_deploy.errors import InputError
 # What `export` (both presets, opsets 11-21) and `quantize` (every method) write: Conv, LeakyRelu, Add,
 # DepthToSpace; ESA adds MaxPool, Resize, Sigmoid, Mul; opset 11 a Constant; QDQ models the Q/DQ pairs.
 # Relu, Clip, Slice and Concat are what other SR exporters and the 16-bit QDQ models need (a Slice after
-# DepthToSpace). None of these ops holds a subgraph, so nothing loaded can loop.
+# DepthToSpace); int8 models a uint8 Pad and Slice around convs padded for the fast kernel (``qdq_graph``).
+# None of these ops holds a subgraph, so nothing loaded can loop; every tensor's shape is inferred and bounded.
 ALLOWED_OPS = frozenset({"Add", "Clip", "Concat", "Constant", "Conv", "DepthToSpace", "DequantizeLinear", "LeakyRelu",
-                         "MaxPool", "Mul", "QuantizeLinear", "Relu", "Resize", "Sigmoid", "Slice"})
+                         "MaxPool", "Mul", "Pad", "QuantizeLinear", "Relu", "Resize", "Sigmoid", "Slice"})
 # onnxruntime writes 16-bit QuantizeLinear/DequantizeLinear in its own domain before opset 21
 OPS_OF_DOMAIN = {"": ALLOWED_OPS, "ai.onnx": ALLOWED_OPS,
                  "com.microsoft": frozenset({"QuantizeLinear", "DequantizeLinear"})}

@@ -7,7 +7,6 @@ our ranges, handed over through its calibration cache; it does not calibrate aga
 from __future__ import annotations
 
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry, weights_from_entry
 from dipnet_deploy.qat import image_grid_ranges, model_from_onnx, simulation_agreement, tensor_ranges
+from dipnet_deploy.qdq_graph import FAST_PATH, depth_to_space_on_uint8, pad_for_fast_path
 from dipnet_deploy.ranges_schema import (
     AUTO,
     LEARNED,
@@ -253,8 +253,9 @@ def _with_adapted_weights(model: onnx.ModelProto, entry: dict) -> onnx.ModelProt
     return model
 
 
-def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> None:
-    """Quantize with onnxruntime's QDQ quantizer from the given ranges into ``output`` (a temporary name)."""
+def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> list[dict]:
+    """Quantize with onnxruntime's QDQ quantizer from the given ranges into ``output`` (a temporary name), in
+    the graph form the runtimes run fastest (``qdq_graph``); returns the convs padded for the fast kernel."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
@@ -279,58 +280,10 @@ def write_int8(model_path: Path, document: dict, output: Path, options: Quantize
         finally:
             root.setLevel(level)
     int8 = depth_to_space_on_uint8(onnx.load(str(output)))
+    padded = pad_for_fast_path(int8)
     int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
     output.write_bytes(int8.SerializeToString())
-
-
-def _swap_with_reader(model: onnx.ModelProto, first_op: str, second_op: str) -> onnx.ModelProto:
-    """Swap each ``first_op`` node with the ``second_op`` node that is its only reader, in place: the
-    second then reads the first's input and the first writes the second's output. Both must commute
-    (a per-tensor DequantizeLinear and a DepthToSpace, which only moves values). The tensor between
-    them is named ``{input}_{second_op}``; the value_info of the one it replaces is dropped."""
-    graph = model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
-    outputs = {out.name for out in graph.output}
-    names = {*producers, *(init.name for init in graph.initializer), *(vi.name for vi in graph.input), *outputs}
-    sizes = {init.name: math.prod(init.dims) for init in graph.initializer}
-    order = list(graph.node)
-    for second in [node for node in graph.node if node.op_type == second_op]:
-        first = producers.get(second.input[0])
-        if first is None or first.op_type != first_op or readers[first.output[0]] != [second] or first.output[0] in outputs:
-            continue
-        dequantize = first if first.op_type == "DequantizeLinear" else second
-        if sizes.get(dequantize.input[1]) != 1:  # per-channel scales do not survive a move of the channels
-            continue
-        replaced, between = first.output[0], f"{first.input[0]}_{second_op}"
-        if between in names:  # never reuse a name the graph already has
-            continue
-        names.add(between)
-        second.input[0], first.input[0], first.output[0], second.output[0] = (
-            first.input[0], between, second.output[0], between)
-        order.remove(first)
-        order.insert(order.index(second) + 1, first)
-        stale = [info for info in graph.value_info if info.name == replaced]
-        for info in stale:
-            graph.value_info.remove(info)
-    del graph.node[:]
-    graph.node.extend(order)
-    return model
-
-
-def depth_to_space_on_uint8(int8: onnx.ModelProto) -> onnx.ModelProto:
-    """Move the DequantizeLinear in front of DepthToSpace behind it, in place: DepthToSpace then
-    moves the uint8 levels of the last conv instead of their float values (a quarter of the bytes;
-    the output is bit-identical), which both runtimes run faster (BENCHMARKS.md)."""
-    return _swap_with_reader(int8, "DequantizeLinear", "DepthToSpace")
-
-
-def depth_to_space_on_float(int8: onnx.ModelProto) -> onnx.ModelProto:
-    """Undo ``depth_to_space_on_uint8`` in place: every activation Q/DQ pair adjacent again."""
-    return _swap_with_reader(int8, "DepthToSpace", "DequantizeLinear")
+    return padded
 
 
 def equalization_summary(document: dict) -> dict | None:
@@ -416,7 +369,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         int8_temp, card_temp = temps[:2]
         if new_ranges:
             temps[2].write_bytes(json_bytes(document))
-        write_int8(model_path, document, int8_temp, options)
+        padded = write_int8(model_path, document, int8_temp, options)
         int8 = onnx.load(str(int8_temp))
         summary = onnx_summary(int8)
         card = card_header("int8-onnx", output) | {
@@ -435,6 +388,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
             "equalization": equalization_summary(document),
             "format": "QDQ (onnxruntime quantize_static)",
             "conv_report": quantized_conv_report(int8),
+            "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded},
             "ops": summary["ops"],
             "input_shape": summary["inputs"],
             "output_shape": summary["outputs"],

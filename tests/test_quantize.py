@@ -170,9 +170,11 @@ def test_all_convs_int8_ranges_reuse_is_byte_identical(x2_small, calib_dir, tmp_
     assert (tmp_path / "c.int8.onnx").read_bytes() == first.read_bytes()
 
 
-def test_depth_to_space_moves_uint8_levels_and_the_output_is_bit_identical(x2_small, calib_dir, tmp_path):
-    """quantize writes DepthToSpace on the last conv's uint8 levels, the DequantizeLinear after it; the
-    reference is onnxruntime's own QDQ model from the same ranges (DequantizeLinear before it)."""
+def test_graph_form_moves_uint8_levels_pads_edge_convs_and_the_output_is_bit_identical(x2_small, calib_dir, tmp_path):
+    """quantize writes DepthToSpace on the last conv's uint8 levels, the DequantizeLinear after it, and pads
+    the two edge convs (3 input, 12 output channels) with zero weights for onnxruntime's fast integer kernel;
+    the reference is onnxruntime's own QDQ model from the same ranges (DequantizeLinear before DepthToSpace,
+    no padding)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
@@ -185,14 +187,24 @@ def test_depth_to_space_moves_uint8_levels_and_the_output_is_bit_identical(x2_sm
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibration_cache_path=str(cache),
                     extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
 
-    def reads(path):  # op type of the node DepthToSpace reads, and of the node writing the output
+    def reads(path):  # op types from the last conv's output to the graph output
         graph = onnx.load(str(path)).graph
-        producers = {out: node.op_type for node in graph.node for out in node.output}
-        depth_to_space = next(node for node in graph.node if node.op_type == "DepthToSpace")
-        return producers[depth_to_space.input[0]], producers[graph.output[0].name]
+        readers = {name: node for node in graph.node for name in node.input}
+        ops, name = [], [node for node in graph.node if node.op_type == "Conv"][-1].output[0]
+        while name in readers:
+            ops.append(readers[name].op_type)
+            name = readers[name].output[0]
+        return tuple(ops)
 
-    assert reads(result.int8_path) == ("QuantizeLinear", "DequantizeLinear")
-    assert reads(stock) == ("DequantizeLinear", "DepthToSpace")
+    assert reads(result.int8_path) == ("QuantizeLinear", "Slice", "DepthToSpace", "DequantizeLinear")
+    card = json.loads(result.card_path.read_text())
+    assert [(c["channels"], c["padded"]) for c in card["fast_path_padding"]["convs"]] == [([3, 32], [4, 32]),
+                                                                                           ([32, 12], [32, 16])]
+    ours = onnx.load(str(result.int8_path))
+    weights = {i.name: numpy_helper.to_array(i) for i in ours.graph.initializer if i.name.endswith("weight_quantized")}
+    assert [w.shape[:2] for w in weights.values()].count((32, 4)) == 1 and (16, 32) in [w.shape[:2] for w in weights.values()]
+    assert "Pad" in {node.op_type for node in ours.graph.node}
+    assert reads(stock) == ("QuantizeLinear", "DequantizeLinear", "DepthToSpace")
     x = np.random.default_rng(3).random((1, 3, 40, 56), dtype=np.float32)
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]  # noqa: E731
     assert np.array_equal(run(result.int8_path), run(stock))
