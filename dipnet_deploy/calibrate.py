@@ -16,12 +16,16 @@ Here:
   split into groups whose outputs fit a memory budget, and each group is one extra forward per
   image. Histograms have a fixed range (pass 1's min/max) and a fixed bin count, so each image is
   reduced into fixed-size statistics and dropped.
+
+A session that cannot be made, or a forward that cannot run, for want of memory is one ``OutOfMemoryError``
+naming the model (``name``: its file, given by the caller; ``runtime.model_named`` names it otherwise).
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -34,10 +38,12 @@ from dipnet_deploy.range_graphs import (
     float_tensors,
     group_by_budget,
     native_range_model,
+    run,
     session,
     tensor_shapes,
     values_model,
 )
+from dipnet_deploy.runtime import UNNAMED_MODEL
 
 PASS2_BUDGET_BYTES = 768 << 20  # outputs of one pass-2 forward
 
@@ -48,43 +54,44 @@ ChannelRanges = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
 
 
 def observe_ranges(model: onnx.ModelProto, tensors: list[str], channels: dict[str, int], inputs: Collection[np.ndarray],
-                   progress: Progress) -> ChannelRanges:
+                   progress: Progress, name: str | Path = UNNAMED_MODEL) -> ChannelRanges:
     """Exact per-channel min and max of each tensor over all inputs, one forward per input.
 
     The tensors are read in onnxruntime's own optimized layout (``native_range_model``).
     ``channels``: channel count per tensor (drops blocked padding).
     """
     input_name = model.graph.input[0].name
-    graph = native_range_model(model, tensors)
-    runner = session(graph, optimize=False, arena=True)
+    graph = native_range_model(model, tensors, name)
+    runner = session(graph, optimize=False, arena=True, name=name)
     low: dict[str, np.ndarray] = {}
     high: dict[str, np.ndarray] = {}
     for batch in progress(inputs, "calibrate (min/max)", len(inputs)):
-        values = dict(zip([vi.name for vi in graph.graph.output], runner.run(None, {input_name: batch})))
-        for index, name in enumerate(tensors):
-            seen_low = values[f"__calib_ReduceMin_{index}"].reshape(-1)[: channels[name]]
-            seen_high = values[f"__calib_ReduceMax_{index}"].reshape(-1)[: channels[name]]
-            low[name] = np.minimum(low[name], seen_low) if name in low else seen_low
-            high[name] = np.maximum(high[name], seen_high) if name in high else seen_high
+        values = dict(zip([vi.name for vi in graph.graph.output], run(runner, None, {input_name: batch}, name)))
+        for index, tensor in enumerate(tensors):
+            seen_low = values[f"__calib_ReduceMin_{index}"].reshape(-1)[: channels[tensor]]
+            seen_high = values[f"__calib_ReduceMax_{index}"].reshape(-1)[: channels[tensor]]
+            low[tensor] = np.minimum(low[tensor], seen_low) if tensor in low else seen_low
+            high[tensor] = np.maximum(high[tensor], seen_high) if tensor in high else seen_high
     return low, high
 
 
 def channel_ranges(model: onnx.ModelProto, inputs: Collection[np.ndarray], progress: Progress = no_progress,
-                   shapes: dict[str, list[int]] | None = None) -> ChannelRanges:
+                   shapes: dict[str, list[int]] | None = None, name: str | Path = UNNAMED_MODEL) -> ChannelRanges:
     """Per-channel min/max of every tensor of ``float_tensors`` over all inputs (pass 1)."""
     tensors = float_tensors(model)
     shapes = shapes if shapes is not None else tensor_shapes(model)
     derived = derived_ranges(model)
-    channels = {name: shapes[name][1] for name in tensors}
-    low, high = observe_ranges(model, [name for name in tensors if name not in derived], channels, inputs, progress)
-    pending = {name: rule for name, rule in derived.items() if name in tensors}
+    channels = {tensor: shapes[tensor][1] for tensor in tensors}
+    low, high = observe_ranges(model, [tensor for tensor in tensors if tensor not in derived], channels, inputs,
+                               progress, name)
+    pending = {tensor: rule for tensor, rule in derived.items() if tensor in tensors}
     while pending:  # a source may itself be derived (DepthToSpace after an activation)
-        ready = {name: rule for name, rule in pending.items() if rule[0] in low}
+        ready = {tensor: rule for tensor, rule in pending.items() if rule[0] in low}
         if not ready:
             raise RuntimeError(f"no range source for {sorted(pending)}")
-        for name, (source, mapping) in ready.items():
-            low[name], high[name] = mapping(low[source], high[source])
-            del pending[name]
+        for tensor, (source, mapping) in ready.items():
+            low[tensor], high[tensor] = mapping(low[source], high[source])
+            del pending[tensor]
     return low, high
 
 
@@ -107,33 +114,34 @@ def calibrate(
     per_channel_weights: bool = True,
     symmetric_activations: bool = False,
     budget_bytes: int = PASS2_BUDGET_BYTES,
+    name: str | Path = UNNAMED_MODEL,
 ) -> Calibration:
     """Run the calibration passes; iterating ``inputs`` yields one [1, 3, H, W] float32 array per image
     (it is iterated once per pass, so images are read again rather than kept).
 
     With ``equalize``, the ranges are those of ``equalize_with(model, scales)`` with the
     returned scales (the returned ``model``): pass 1 measures the original, and histogram methods
-    run pass 2 on the equalized model.
+    run pass 2 on the equalized model. ``name``: the model's file, named should memory run out.
     """
     input_name = model.graph.input[0].name
     shapes = tensor_shapes(model)
     tensors = float_tensors(model)  # equalization changes weights only: the same tensors after it
-    low, high = channel_ranges(model, inputs, progress, shapes)
+    low, high = channel_ranges(model, inputs, progress, shapes, name)
     scales = {}
     if equalize:
         spaces = channel_spaces(model)
         scales = equalization_scales(model, spaces, low, high, per_channel_weights, symmetric_activations)
         model = equalize_with(model, scales)
         low, high = equalized_channel_ranges(spaces, scales, low, high)
-    for name in tensors:
-        observer.update_range(name, float(low[name].min()), float(high[name].max()))
+    for tensor in tensors:
+        observer.update_range(tensor, float(low[tensor].min()), float(high[tensor].max()))
     if observer.needs_histograms:
-        sizes = {name: 4 * int(np.prod(shape)) for name, shape in shapes.items()}
+        sizes = {tensor: 4 * int(np.prod(shape)) for tensor, shape in shapes.items()}
         groups = group_by_budget(tensors, sizes, budget_bytes)
-        sessions = [(group, session(values_model(model, group))) for group in groups]
+        sessions = [(group, session(values_model(model, group), name=name)) for group in groups]
         for batch in progress(inputs, f"calibrate (histograms, {len(groups)} passes)", len(inputs)):
             for group, runner in sessions:
-                for name, values in zip(group, runner.run(group, {input_name: batch})):
-                    observer.update_values(name, values)
+                for tensor, values in zip(group, run(runner, group, {input_name: batch}, name)):
+                    observer.update_values(tensor, values)
                 del values
     return Calibration(observer.compute(), model, scales)

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -20,7 +21,7 @@ from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import is_write_failure, json_text, removing_empty_folders
 from dipnet_deploy.observers import DEFAULT_CLIP
-from dipnet_deploy.runtime import RUNTIMES
+from dipnet_deploy.runtime import RUNTIMES, model_named
 
 
 class StageChoice(click.Choice):
@@ -156,36 +157,52 @@ def warn(message: str) -> None:
     tqdm.write(one_line(message), file=sys.stderr)
 
 
-def _megapixels(context, parameter, text: str | None) -> float | None:
-    """Click callback: a positive finite number (``float`` lets NaN and inf through), refused under the name
-    the user set: the option, or the environment variable."""
-    if text is None:
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        source = context.get_parameter_source(parameter.name)
-        name = parameter.envvar if source == click.core.ParameterSource.ENVIRONMENT else parameter.opts[0]
-        raise click.UsageError(f"{name}: {text!r} is not a positive number of megapixels")
-    return value
+def _positive(unit: str, below: Callable[[], float] = lambda: math.inf):
+    """Click callback: a positive finite number under ``below()`` (``float`` lets NaN and inf through), refused in
+    one line under the name the user set: the option, or the environment variable."""
+
+    def callback(context, parameter, text: str | None) -> float | None:
+        if text is None:
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and 0 < value < below()):
+            source = context.get_parameter_source(parameter.name)
+            name = parameter.envvar if source == click.core.ParameterSource.ENVIRONMENT else parameter.opts[0]
+            raise click.UsageError(f"{name}: {text!r} is not a positive number of {unit}")
+        return value
+
+    return callback
+
+
+def _memory_limit() -> float:
+    from dipnet_deploy.imageio import MAX_MEMORY_MB_LIMIT  # here: imageio loads OpenCV, which --help need not
+
+    return MAX_MEMORY_MB_LIMIT
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="dipnet-deploy")
-@click.option("--max-megapixels", envvar="DIPNET_MAX_MEGAPIXELS", callback=_megapixels,
+@click.option("--max-megapixels", envvar="DIPNET_MAX_MEGAPIXELS", callback=_positive("megapixels"),
               help="Largest image decoded, in megapixels (default 100; env DIPNET_MAX_MEGAPIXELS). Larger ones "
                    "are skipped with a warning in a folder, refused when given alone.")
-def main(max_megapixels: float | None) -> None:
+@click.option("--max-memory-mb", envvar="DIPNET_MAX_MEMORY_MB", callback=_positive("MiB", _memory_limit),
+              help="Memory one image may take in upscale and compare, in MiB (default 700; env DIPNET_MAX_MEMORY_MB), "
+                   "estimated from its header before it is decoded (the model's own memory not counted). Larger ones "
+                   "are skipped with a warning in a folder, refused when given alone.")
+def main(max_megapixels: float | None, max_memory_mb: float | None) -> None:
     """Fold, export, int8-quantize and evaluate DIPNet super-resolution models.
 
     The pipeline is a chain of files: checkpoint -> fp32 ONNX (+ model card JSON) ->
     calibration ranges JSON -> int8 ONNX -> report directory. Run `export`, then `quantize`,
     then `compare`; each step reads what the previous one wrote.
     """
-    if max_megapixels is not None:  # through the environment, so worker processes apply it too
+    if max_megapixels is not None:  # through the environment, so worker processes apply them too
         os.environ["DIPNET_MAX_MEGAPIXELS"] = str(max_megapixels)
+    if max_memory_mb is not None:
+        os.environ["DIPNET_MAX_MEMORY_MB"] = str(max_memory_mb)
 
 
 def _checkpoint_or_default(checkpoint: Path | None) -> Path:
@@ -388,7 +405,9 @@ def finetune(checkpoint, data, iters, batch, patch, lr, range_lr, equalize, targ
                               val=val, val_every=val_every, save_every=save_every, seed=seed, resume=resume,
                               threads=threads, equalize=equalize, device=device, compile=compile_step,
                               coverage=coverage, floor=range_floor, clip=max_clip)
-    result = run_finetune(_checkpoint_or_default(checkpoint), data, out, options, progress_bar, warn=warn)
+    checkpoint = _checkpoint_or_default(checkpoint)
+    with model_named(checkpoint):  # no memory for the calibration of its starting ranges: named as its checkpoint
+        result = run_finetune(checkpoint, data, out, options, progress_bar, warn=warn)
     click.echo(f"wrote {result.out} after {result.iters} iterations ({result.iters_per_second:.2f} it/s, "
                f"{result.points} learned activation ranges)")
     if as_json:
@@ -459,10 +478,15 @@ def progress_bar(iterable, description: str, total: int | None = None):
                    "beside yours, so that no range is narrower than what such images produce. Wider ranges cost "
                    "photos resolution (BENCHMARKS.md: 'int8 on every image'); 0: your images alone.")
 @max_clip_option
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime", show_default=True,
+              help="The runtime the int8 graph's form is chosen for: onnxruntime pads the convs whose channel "
+                   "counts miss its fast integer kernel (zero weights; bit-identical output, a faster forward); "
+                   "openvino keeps the graph onnxruntime's quantizer writes (OpenVINO runs its own kernels). "
+                   "Both runtimes run either file (BENCHMARKS.md: 'graph form').")
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
-             auto_steps, coverage, max_clip, as_json):
+             auto_steps, coverage, max_clip, runtime, as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
@@ -488,8 +512,9 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         raise InputError("--auto-steps", "applies to --method auto with --calib only (reused --ranges keep "
                                          "the steps they were refined with)")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
-                              AutoOptions(iters=auto_steps, clip=max_clip), coverage)
-    result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
+                              AutoOptions(iters=auto_steps, clip=max_clip), coverage, runtime)
+    with model_named(model):  # no memory for a calibration session or forward: named as the model given
+        result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "
                f"{summary['images_used']} images + {summary['coverage_images']} coverage, method {summary['method']}, "

@@ -9,18 +9,21 @@ Protocols:
   outputs clipped x255 as floats; cv2 bicubic of the LR to the output size as the baseline.
 
 Memory: an HR image is held as uint8 with its LR and one uint8 output per model and bicubic; the
-resizes and metrics work on bands and blocks (``matlab_resize``, ``metrics``). An image whose header
-says it would take more than ``DIPNET_MAX_MEMORY_MB`` (``compare_bytes``) is skipped before decoding.
+resizes, metrics and the report's figures work on bands and blocks (``matlab_resize``, ``metrics``,
+``error_maps``). An image whose header says it would take more than ``DIPNET_MAX_MEMORY_MB``
+(``compare_bytes``) is skipped before decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import multiprocessing
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import numpy as np
 
 from dipnet_deploy.artifacts import default_int8_path
 from dipnet_deploy.cluster import RayOptions, import_ray
+from dipnet_deploy.error_maps import figure_bytes
 from dipnet_deploy.errors import InputError, RunEndingError
 from dipnet_deploy.fileio import sha256_file
 from dipnet_deploy.imageio import (
@@ -173,17 +177,19 @@ def evaluate_image(hr_rgb: np.ndarray, runners: dict[str, TiledRunner], protocol
     return {"row": row, "images": {"hr": hr, **outputs}}
 
 
-# What ``report.write_report`` takes, per pixel of the worst image, to draw its figures (float64 copies and
-# differences of the whole image, an integral image, matplotlib's resampling; measured 66-68 B/px at 25 MP):
-# the largest per-pixel cost of ``compare``, counted so that the image the report ends up drawing fits too.
-REPORT_BYTES_PER_PIXEL = 72
+# What ``report.write_report`` takes per pixel of the worst image beyond its pictures and ``error_maps.figure_bytes``
+# (its figures are computed in bands and drawn from a reduced map). Measured (peak resident memory of the report
+# over what was resident before it, int8 and fp32): 73 MiB at 6.25 MP, 64 at 25 MP, 84 at 49 MP: some 0.3 B/px
+# (72 before, for the whole-image float64 copies).
+REPORT_BYTES_PER_PIXEL = 1
 REPORT_BYTES = 64 << 20  # matplotlib's own
 
 
 def compare_bytes(header: ImageHeader, runners: dict[str, TiledRunner], protocol: str, scale: int) -> int:
     """Peak bytes reading and scoring the HR image of ``header`` takes (``evaluate_image``), or the report's
     figures of it should it be the worst image, whichever is larger: decoding it, then the HR, its LR, one
-    uint8 output per model and bicubic, and the resizes' bands or the metrics' blocks. What the models
+    uint8 output per model and bicubic, and the resizes' bands or the metrics' blocks; for the report the HR,
+    the outputs and bicubic, with the bands and the drawn map of ``error_maps``. What the models
     fix whatever the image (their sessions, a tile's buffers; in ``seed`` the outputs at the model's size,
     their metrics and figures) is not counted."""
     pixels = header.pixels
@@ -193,7 +199,8 @@ def compare_bytes(header: ImageHeader, runners: dict[str, TiledRunner], protocol
         return max(decode_bytes(header), held + work)
     pictures = 3 * pixels * (len(runners) + 2)  # what the report gets: HR, every output, bicubic
     scoring = held + 3 * pixels * (len(runners) + 1) + max(METRIC_WORK_BYTES, work)
-    report = pictures + REPORT_BYTES_PER_PIXEL * pixels + REPORT_BYTES
+    figures = figure_bytes(header.height, header.width)
+    report = pictures + REPORT_BYTES_PER_PIXEL * pixels + figures + REPORT_BYTES
     return max(decode_bytes(header), scoring, report)
 
 
@@ -265,13 +272,37 @@ def job_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+PR_SET_PDEATHSIG = 1  # prctl's option (<linux/prctl.h>): the signal a process gets when its parent ends
+
+
+def end_with_parent() -> None:
+    """On Linux, have the kernel send this process SIGKILL when the parent that started it ends, however it ends:
+    a pool worker of a run killed with SIGKILL (no clean-up of the parent runs, the pool is never stopped) ends
+    at once and silently, rather than finishing its image and failing, with a BrokenPipeError traceback, to hand
+    the result to no one. Should the parent have ended already, this process ends now. Elsewhere nothing: a worker
+    then ends when it next reads from the parent's closed pipe."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        failed = libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                            ctypes.c_ulong(0), ctypes.c_ulong(0))
+    except (OSError, AttributeError):  # no C library to ask: as elsewhere
+        return
+    parent = multiprocessing.parent_process()
+    if not failed and parent is not None and os.getppid() != parent.pid:  # it ended before the prctl
+        os._exit(0)
+
+
 def _init_pool_worker(*args) -> None:
-    """``make_scorer`` in a pool process (``JOB_SIGNALS`` reach it blocked: the parent handles them).
+    """``make_scorer`` in a pool process (``JOB_SIGNALS`` reach it blocked: the parent handles them; it ends with
+    the parent: ``end_with_parent``).
 
     A failure is kept for ``_pool_score`` to raise: an initializer that raises makes the pool respawn
     workers forever, and the run would hang.
     """
     global _POOL_SCORER
+    end_with_parent()
     for number in JOB_SIGNALS:  # ignored, not only blocked: a worker's runtime threads may unblock them (measured)
         signal.signal(number, signal.SIG_IGN)
     try:

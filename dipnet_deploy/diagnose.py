@@ -30,7 +30,8 @@ from dipnet_deploy.fileio import scratch_dir
 from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qdq_graph import dequantize_early
-from dipnet_deploy.range_graphs import group_by_budget, session, tensor_shapes, values_model
+from dipnet_deploy.range_graphs import group_by_budget, run, session, tensor_shapes, values_model
+from dipnet_deploy.runtime import UNNAMED_MODEL
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
 
@@ -105,9 +106,10 @@ def first_tile(hr: np.ndarray, runner: TiledRunner, protocol: str, scale: int) -
 
 
 def signal_to_noise(int8: onnx.ModelProto, pairs: list[QdqPair], inputs: Iterable[np.ndarray],
-                    budget_bytes: int = PASS2_BUDGET_BYTES) -> dict[str, float | None]:
+                    budget_bytes: int = PASS2_BUDGET_BYTES, model_path: str | Path = UNNAMED_MODEL) -> dict[str, float | None]:
     """SQNR (dB) of each pair's dequantized tensor against the float tensor of ``int8`` without any
     activation pair (``float_fallback`` of them all), summed over ``inputs``. None where they are equal.
+    ``model_path`` names the model when the runtime runs out of memory.
     """
     fp32 = float_fallback(int8, activation_pairs(int8))
     shapes = tensor_shapes(fp32)
@@ -119,15 +121,16 @@ def signal_to_noise(int8: onnx.ModelProto, pairs: list[QdqPair], inputs: Iterabl
     by_tensor = {pair.tensor: pair for pair in readable}
     inputs = list(inputs)
     for group in groups:
-        reference = session(values_model(fp32, group))
-        quantized = session(values_model(int8, [by_tensor[name].dequantized[0] for name in group]))
+        reference = session(values_model(fp32, group), name=model_path)
+        quantized = session(values_model(int8, [by_tensor[name].dequantized[0] for name in group]), name=model_path)
         for x in inputs:
             feeds = {reference.get_inputs()[0].name: x}
-            for name, exact, approx in zip(group, reference.run(None, feeds), quantized.run(None, feeds)):
+            exacts, approxes = run(reference, None, feeds, model_path), run(quantized, None, feeds, model_path)
+            for name, exact, approx in zip(group, exacts, approxes):
                 exact = exact.astype(np.float64)
                 signal[name] += float(np.sum(exact**2))
                 noise[name] += float(np.sum((exact - approx) ** 2))
-            del exact, approx
+            del exacts, approxes, exact, approx
     return {name: (10 * np.log10(signal[name] / noise[name]) if noise[name] and signal[name] else None)
             for name in signal}
 
@@ -145,7 +148,8 @@ def diagnose(int8_path: Path, rows: list[dict], protocol: str, scale: int,
     images = [read_rgb8(row["image"])[0] for row in rows]
     base = float(np.mean([row["psnr_y"]["int8"] for row in rows]))
     int8_runner = TiledRunner(str(int8_path), runtime=runtime)
-    sqnr = signal_to_noise(int8, pairs, [first_tile(hr, int8_runner, protocol, scale) for hr in images])
+    sqnr = signal_to_noise(int8, pairs, [first_tile(hr, int8_runner, protocol, scale) for hr in images],
+                           model_path=int8_path)
     entries = []
     with scratch_dir("dipnet-diagnose-") as work:
         for pair in progress(pairs, "diagnose", len(pairs)):

@@ -4,7 +4,8 @@ The graph is traced at a small shape with symbolic H/W and then fixed to 1x3xHxW
 shape overwrite; for these fully convolutional graphs this gives the same graph as tracing at
 the full shape, at a fraction of the time and memory (tracing at 1080p allocates every
 activation). The ONNX is checked with ``onnx.checker`` and run through onnxruntime on a random
-image against the folded PyTorch model.
+image against the folded PyTorch model; no memory for either forward is one ``OutOfMemoryError`` naming
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from dipnet_deploy.archs.dipnet_arch import count_params
 from dipnet_deploy.artifacts import card_header, card_path_for
 from dipnet_deploy.checkpoint import LoadedCheckpoint
 from dipnet_deploy.config import refuse_beyond_memory
-from dipnet_deploy.errors import InputError
+from dipnet_deploy.errors import InputError, OutOfMemoryError
 from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable
 from dipnet_deploy.model_stats import onnx_summary, torch_conv_macs
 from dipnet_deploy.qat import LEARNED_RANGES_KEY, attach_learned_ranges
+from dipnet_deploy.runtime import ORT_LOG_FATAL_ONLY, UNNAMED_MODEL, allocation_failures_named
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.tiling import receptive_field, smallest_tile
 
@@ -101,17 +103,26 @@ def fix_shape(model: onnx.ModelProto, height: int, width: int, scale: int, simpl
     return model
 
 
-def ort_max_abs_diff(onnx_bytes: bytes, model: torch.nn.Module, height: int, width: int) -> float:
-    """max |onnxruntime - PyTorch| on a fixed random image in [0, 1]."""
-    x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(1))
-    options = ort.SessionOptions()
-    options.enable_cpu_mem_arena = False  # keep peak memory at one frame's activations
-    session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
-    ort_out = session.run(["output"], {"input": x.numpy()})[0]
-    del session
-    with torch.no_grad():
-        torch_out = model(x).numpy()
-    return float(np.abs(ort_out - torch_out).max())
+def ort_max_abs_diff(onnx_bytes: bytes, model: torch.nn.Module, height: int, width: int,
+                     name: str | Path = UNNAMED_MODEL) -> float:
+    """max |onnxruntime - PyTorch| on a fixed random image in [0, 1]. A runtime that cannot allocate what its
+    forward needs: one ``OutOfMemoryError`` naming ``name`` (the model's file) and the size that needs less."""
+    try:
+        with allocation_failures_named(name, "PyTorch"):
+            x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(1))
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = False  # keep peak memory at one frame's activations
+        options.log_severity_level = ORT_LOG_FATAL_ONLY  # a failed allocation is said in one line, not logged too
+        with allocation_failures_named(name, "onnxruntime"):
+            session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
+            ort_out = session.run(["output"], {"input": x.numpy()})[0]
+        del session
+        with torch.no_grad(), allocation_failures_named(name, "PyTorch"):
+            torch_out = model(x).numpy()
+        return float(np.abs(ort_out - torch_out).max())
+    except OutOfMemoryError as error:
+        raise OutOfMemoryError(error.where, f"{error.problem}, checking the export's {height}x{width} forward "
+                                            "(a smaller --height/--width needs less)") from None
 
 
 def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions = ExportOptions()) -> ExportResult:
@@ -145,7 +156,7 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
             raise InputError(loaded.path, f"its learned ranges do not fit the exported graph ({error.args[0]})") from None
     onnx.checker.check_model(graph, full_check=True)
     onnx_bytes = graph.SerializeToString()
-    ort_diff = ort_max_abs_diff(onnx_bytes, model, options.height, options.width)
+    ort_diff = ort_max_abs_diff(onnx_bytes, model, options.height, options.width, loaded.path)
     if not ort_diff <= ORT_TOLERANCE:
         raise RuntimeError(f"onnxruntime output differs from PyTorch by {ort_diff:.3g} (> {ORT_TOLERANCE})")
     summary = onnx_summary(graph)

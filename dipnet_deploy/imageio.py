@@ -50,6 +50,7 @@ MAX_MEMORY_VARIABLE = "DIPNET_MAX_MEMORY_MB"
 # libraries, the runtime's session, a tile's buffers) comes on top: about 680 MiB for upscale or compare with a
 # one-Conv 1080p x2 model, whose largest run this default accepts (a 2200x36000 image) peaked at 1.38 GB.
 DEFAULT_MAX_MEMORY_MB = 700.0
+MAX_MEMORY_MB_LIMIT = 2.0**43  # a budget is below this many MiB (8 EiB: beyond any machine; keeps the bytes an int64)
 MIB = 1 << 20
 
 Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check would stop raised limits; ours is in check_image_size
@@ -75,7 +76,7 @@ def max_memory_bytes() -> int:
         megabytes = float(text) if text else DEFAULT_MAX_MEMORY_MB
     except ValueError:
         megabytes = math.nan
-    if not (math.isfinite(megabytes) and 0 < megabytes < 2**43):
+    if not (math.isfinite(megabytes) and 0 < megabytes < MAX_MEMORY_MB_LIMIT):
         raise InputError(MAX_MEMORY_VARIABLE, f"{text!r} is not a positive number of MiB")
     return int(megabytes * MIB)
 

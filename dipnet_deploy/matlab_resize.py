@@ -9,10 +9,11 @@ Conventions, as MATLAB:
   clipped, like MATLAB.
 
 Each axis is a band matrix (``axis_weights``: for each output, the few inputs it mixes and their weights,
-the nonzero entries of the dense [out, in] matrix ``resize_matrix``); an image is resized a band of
-output rows at a time, so the float64 work stays a few MiB whatever the image size (a whole float64
+the nonzero entries of the dense [out, in] resize matrix, which is never built); an image is resized a band
+of output rows at a time, so the float64 work stays a few MiB whatever the image size (a whole float64
 copy of a 25-megapixel image is 600 MB). For x2 and x4 every weight and product is a short binary
-fraction, so the result equals the dense matrix products bit for bit; for other scales within 1e-12.
+fraction, so the result equals the dense matrix products (the tests' reference) bit for bit; for other
+scales within 1e-12.
 """
 
 from __future__ import annotations
@@ -56,8 +57,8 @@ def _taps(in_length: int, out_length: int, scale: float) -> tuple[np.ndarray, np
 @lru_cache(maxsize=64)
 def axis_weights(in_length: int, out_length: int, scale: float) -> tuple[np.ndarray, np.ndarray]:
     """(first [out_length], weights [out_length, K]): output i mixes inputs ``first[i] .. first[i] + K - 1``
-    with ``weights[i]``, which are exactly the entries of row i of ``resize_matrix`` there (taps falling on
-    the same input summed in tap order, as ``np.add.at`` sums them); zeros elsewhere in the window."""
+    with ``weights[i]``, which are exactly the entries of row i of the dense resize matrix there (taps falling
+    on the same input summed in tap order, as ``np.add.at`` sums them); zeros elsewhere in the window."""
     if out_length == 0 or in_length == 0:
         return np.zeros(0, dtype=np.int64), np.zeros((0, 1), dtype=np.float64)
     columns, weights = _taps(in_length, out_length, scale)
@@ -69,17 +70,6 @@ def axis_weights(in_length: int, out_length: int, scale: float) -> tuple[np.ndar
               weights.ravel())
     first.flags.writeable = window.flags.writeable = False  # cached: shared by every caller
     return first, window
-
-
-@lru_cache(maxsize=4)
-def resize_matrix(in_length: int, out_length: int, scale: float) -> np.ndarray:
-    """Dense [out_length, in_length] float64 matrix applying MATLAB's bicubic along one axis (what
-    ``axis_weights`` holds, spread out; for inspection: ``imresize`` never builds it)."""
-    first, window = axis_weights(in_length, out_length, float(scale))
-    matrix = np.zeros((out_length, in_length), dtype=np.float64)
-    rows = np.arange(out_length)[:, None]
-    matrix[rows, first[:, None] + np.arange(window.shape[1])[None, :]] = window
-    return matrix
 
 
 def _along(data: np.ndarray, first: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:

@@ -225,15 +225,20 @@ def _pad_outputs(g: _Graph, part: _QuantizedConv, outputs: int, padded: int) -> 
     g.insert([slice_node], after=part.output_q)
 
 
-def _pad_inputs(g: _Graph, part: _QuantizedConv, padded: int) -> bool:
-    """Zero weights for the extra input channels, and the uint8 activation padded with its zero point (it
-    then dequantizes to exact zeros) between its Q and this conv's DQ (a DQ of its own where others read
-    the DQ too). False where that cannot be done exactly: the zero point is not 0 (a Pad of it would not
-    commute with the DQ, ``dequantize_early``) or the DQ does not read a Q."""
+def _input_paddable(g: _Graph, part: _QuantizedConv) -> bool:
+    """Whether zero input channels can be added exactly: the DQ reads a Q of zero point 0 (a Pad with 0 is
+    then a Pad with the zero point, and ``unpad`` can take it out again)."""
     quantize = g.producers.get(part.input_dq.input[0])
     zero_point = g.array(part.input_dq.input[2]) if len(part.input_dq.input) > 2 else np.zeros(1)
-    if quantize is None or quantize.op_type != "QuantizeLinear" or zero_point is None or np.any(zero_point != 0):
-        return False
+    return (quantize is not None and quantize.op_type == "QuantizeLinear" and zero_point is not None
+            and not np.any(zero_point != 0))
+
+
+def _pad_inputs(g: _Graph, part: _QuantizedConv, padded: int) -> None:
+    """Zero weights for the extra input channels, and the uint8 activation padded with 0, its zero point (it
+    then dequantizes to exact zeros), between its Q and this conv's DQ (a DQ of its own where others read
+    the DQ too). Only where ``_input_paddable``."""
+    quantize = g.producers[part.input_dq.input[0]]
     channels = g.array(part.weight).shape[1]
     g.replace(part.weight, _padded(g.array(part.weight), 1, padded))
     grown = g.fresh(f"{quantize.output[0]}_Pad")
@@ -250,7 +255,6 @@ def _pad_inputs(g: _Graph, part: _QuantizedConv, padded: int) -> bool:
                                     name=g.fresh(f"{part.conv.name}_fast_path_DequantizeLinear")))
         part.conv.input[0] = dequantized
         g.insert(new, before=part.conv)
-    return True
 
 
 def unpad(int8: onnx.ModelProto) -> int:
@@ -329,13 +333,14 @@ def pad_for_fast_path(int8: onnx.ModelProto, rule: FastPath = FAST_PATH) -> list
         if outputs < rule.min_outputs or outputs % rule.output_multiple:
             wanted_outputs = max(rule.min_outputs, _round_up(outputs, rule.output_multiple))
         wanted_inputs = _round_up(inputs, rule.input_multiple)
-        if wanted_outputs == outputs and wanted_inputs == inputs:
+        if (wanted_inputs, wanted_outputs) == (inputs, outputs):
             continue
-        if wanted_inputs != inputs and not _pad_inputs(g, part, wanted_inputs):
-            wanted_inputs = inputs
+        if wanted_inputs != inputs and not _input_paddable(g, part):
+            continue  # padded outputs alone would not reach the fast kernel: only cost a Slice
+        if wanted_inputs != inputs:
+            _pad_inputs(g, part, wanted_inputs)
         if wanted_outputs != outputs:
             _pad_outputs(g, part, outputs, wanted_outputs)
-        if (wanted_inputs, wanted_outputs) != (inputs, outputs):
-            changes.append({"conv": conv.name, "channels": [inputs, outputs], "padded": [wanted_inputs, wanted_outputs]})
+        changes.append({"conv": conv.name, "channels": [inputs, outputs], "padded": [wanted_inputs, wanted_outputs]})
     g.commit()
     return changes

@@ -41,6 +41,7 @@ from dipnet_deploy.ranges_schema import (
     learned_points,
     read_ranges,
 )
+from dipnet_deploy.runtime import RUNTIMES
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.stress_set import COVERAGE_HUES, COVERAGE_SEED, coverage_images
 
@@ -66,6 +67,9 @@ class QuantizeOptions:
     coverage: generated stress images (``stress_set.coverage_images``: saturated flat colours, line art,
         text, gradients, UI) calibrated beside the user's, so that no range is narrower than what such
         images produce (0, the default: the user's images alone).
+    runtime: the runtime the graph's form is chosen for (``qdq_graph``): "onnxruntime" pads the convs that
+        miss its fast integer kernel; "openvino" leaves them as onnxruntime's quantizer wrote them (OpenVINO
+        runs its own kernels; the padding only costs it, BENCHMARKS.md). Both runtimes run either file.
     """
 
     method: str = "max"
@@ -76,6 +80,7 @@ class QuantizeOptions:
     equalize: bool = True
     auto: AutoOptions = field(default_factory=AutoOptions)  # --method auto
     coverage: int = DEFAULT_COVERAGE
+    runtime: str = "onnxruntime"
 
 
 @dataclass
@@ -168,7 +173,7 @@ def compute_ranges(model_path: Path, calib_dir: Path, options: QuantizeOptions,
     inputs = VendorInputs(files, height, width, coverage_images(options.coverage))
     calibration = calibrate(model, inputs, observer, progress,
                             equalize=options.equalize, per_channel_weights=options.per_channel,
-                            symmetric_activations=options.symmetric_activations)
+                            symmetric_activations=options.symmetric_activations, name=model_path)
     parameters, adapted = observer.parameters(), None
     observed_input = calibration.ranges.get(model.graph.input[0].name)
     problem = observed_input and flat_input_problem(*observed_input)  # before the image grid replaces it
@@ -280,7 +285,7 @@ def write_int8(model_path: Path, document: dict, output: Path, options: Quantize
         finally:
             root.setLevel(level)
     int8 = depth_to_space_on_uint8(onnx.load(str(output)))
-    padded = pad_for_fast_path(int8)
+    padded = pad_for_fast_path(int8) if options.runtime == "onnxruntime" else []
     int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
     output.write_bytes(int8.SerializeToString())
     return padded
@@ -343,6 +348,8 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     learned = options.method == LEARNED
     if learned and calib_dir is not None:
         raise InputError("--calib", "--method learned takes no calibration images (the ranges come with the model)")
+    if options.runtime not in RUNTIMES:
+        raise InputError("--runtime", f"unknown runtime {options.runtime!r} (choose from {', '.join(RUNTIMES)})")
     if not 50 < options.percentile <= 100:  # also refuses NaN, which click's range lets through
         raise InputError("--percentile", f"{options.percentile} is not in (50, 100]")
     started = time.perf_counter()
@@ -388,7 +395,8 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
             "equalization": equalization_summary(document),
             "format": "QDQ (onnxruntime quantize_static)",
             "conv_report": quantized_conv_report(int8),
-            "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded},
+            "graph_form": {"for_runtime": options.runtime,
+                           "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded}},
             "ops": summary["ops"],
             "input_shape": summary["inputs"],
             "output_shape": summary["outputs"],
@@ -405,6 +413,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         "images_used": len(document["calibration_files"]), "images_skipped": len(document.get("skipped", [])),
         "coverage_images": document.get("coverage", {}).get("images", 0),
         "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
+        "graph_for": options.runtime, "padded_convs": len(padded),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": round(time.perf_counter() - started, 2),
     }

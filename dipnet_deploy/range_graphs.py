@@ -7,6 +7,9 @@
   each tensor and make only those small vectors graph outputs, so one forward costs little more
   than a plain one and its peak memory is one forward's.
 - ``values_model`` exposes whole tensors, in groups that fit a memory budget (``group_by_budget``).
+- ``session`` makes the sessions and ``run`` runs them; a runtime that cannot allocate what either needs is
+  one ``OutOfMemoryError`` naming the model (``runtime.allocation_failures_named``): ``name``, its file where
+  the caller knows it, else ``runtime.UNNAMED_MODEL``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from dipnet_deploy.errors import OutOfMemoryError
 from dipnet_deploy.fileio import refuse_without_room, scratch_dir
+from dipnet_deploy.runtime import ORT_LOG_FATAL_ONLY, UNNAMED_MODEL, allocation_failures_named
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -142,7 +147,7 @@ NCHWC_DOMAIN = "com.microsoft.nchwc"
 REDUCED_AXES = "__calib_axes"  # N, H and W: what is left is one value per channel
 
 
-def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def native_range_model(model: onnx.ModelProto, tensors: list[str], name: str | Path = UNNAMED_MODEL) -> onnx.ModelProto:
     """``range_model`` rewritten onto onnxruntime's optimized graph for this CPU.
 
     onnxruntime runs convolutions in a blocked NCHWc layout (N, C/b, H, W, b in memory, C
@@ -159,7 +164,10 @@ def native_range_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.Model
         options.log_severity_level = 3  # the "hardware specific" warning: intended, this model is used here only
         graph = range_model(model, tensors).SerializeToString()
         try:
-            ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+            with allocation_failures_named(name, "onnxruntime"):
+                ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        except OutOfMemoryError:  # named: not a matter of room on disk
+            raise
         except Exception:  # onnxruntime's own error types; the usual cause here is no room to save the model
             refuse_without_room(work, len(graph))
             raise
@@ -228,7 +236,7 @@ def group_by_budget(tensors: list[str], sizes: dict[str, int], budget: int) -> l
 
 
 def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool = True,
-            arena: bool = False) -> ort.InferenceSession:
+            arena: bool = False, name: str | Path = UNNAMED_MODEL) -> ort.InferenceSession:
     """A CPU session that keeps peak memory at what the live activations need.
 
     ``arena=False`` returns every freed activation to the OS (bounded RSS even when big outputs
@@ -237,6 +245,7 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
     pattern is off either way: its one planned block is twice the live peak (2.2 vs 1.15 GB).
     """
     options = ort.SessionOptions()
+    options.log_severity_level = ORT_LOG_FATAL_ONLY  # a failed forward is said in one line (``run``), not logged too
     options.enable_cpu_mem_arena = arena
     options.enable_mem_pattern = False
     # The default order runs the appended reductions last and keeps every activation alive
@@ -246,4 +255,15 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with allocation_failures_named(name, "onnxruntime"):
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run(runner: ort.InferenceSession, outputs: list[str] | None, feeds: dict[str, np.ndarray],
+        name: str | Path = UNNAMED_MODEL) -> list[np.ndarray]:
+    """``runner.run(outputs, feeds)``; a runtime that cannot allocate what the forward needs: one
+    ``OutOfMemoryError`` naming ``name``."""
+    options = ort.RunOptions()
+    options.log_severity_level = ORT_LOG_FATAL_ONLY
+    with allocation_failures_named(name, "onnxruntime"):
+        return runner.run(outputs, feeds, options)

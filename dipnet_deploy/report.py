@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dipnet_deploy import leftovers  # noqa: E402
+from dipnet_deploy import error_maps, leftovers  # noqa: E402
 from dipnet_deploy.artifacts import TOOL  # noqa: E402
 from dipnet_deploy.compare import METRICS, Comparison  # noqa: E402
 from dipnet_deploy.errors import InputError  # noqa: E402
@@ -44,7 +44,6 @@ from dipnet_deploy.fileio import (  # noqa: E402
 from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, our_report_files, refuse_collisions  # noqa: E402
 
 COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
-CROP = 96  # HR pixels of the side-by-side crops
 DIAGNOSIS_SHOWN = 40  # tensors in the diagnosis chart (the table lists all)
 DIAGNOSIS_HEAD = ("tensor", "producer", "PSNR-Y gain in float (dB)", "SQNR (dB)", "int8 range")
 
@@ -126,31 +125,27 @@ def _diagnosis_rows(document: dict) -> list[list[str]]:
             for d in document["int8_diagnosis"]]
 
 
-def _crop_box(diff: np.ndarray) -> tuple[int, int]:
-    """Top-left of the CROP x CROP window with the largest mean difference."""
-    h, w = diff.shape
-    size = min(CROP, h, w)
-    integral = np.pad(diff, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
-    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
-    top, left = np.unravel_index(np.argmax(sums), sums.shape)
-    return int(top), int(left)
+def _difference_pair(images: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """The two pictures the crops and the heatmap compare: int8 and fp32, or without int8 fp32 and HR."""
+    if "int8" in images:
+        return images["int8"], images["fp32"], "int8 - fp32"
+    return images["fp32"], images["hr"], "fp32 - HR"
 
 
 def _crops_figure(images: dict, title: str, path: Path, amplify: float) -> None:
-    reference = images.get("int8", images["fp32"])
-    diff = np.abs(reference.astype(np.float64) - images["fp32"].astype(np.float64)).mean(axis=2)
-    if "int8" not in images:
-        diff = np.abs(images["fp32"].astype(np.float64) - images["hr"].astype(np.float64)).mean(axis=2)
-    top, left = _crop_box(diff)
-    size = min(CROP, diff.shape[0], diff.shape[1])
+    """The pictures side by side in the ``error_maps.CROP``-pixel window where they differ most (found in
+    bands; only the window's pixels are made float)."""
+    a, b, _ = _difference_pair(images)
+    top, left, size = error_maps.crop_box(a, b)
     window = (slice(top, top + size), slice(left, left + size))
-    panels = [("HR", images["hr"]), ("bicubic", images["bicubic"]), ("fp32", images["fp32"])]
+    panels = [("HR", images["hr"][window]), ("bicubic", images["bicubic"][window]), ("fp32", images["fp32"][window])]
     if "int8" in images:
-        panels += [("int8", images["int8"]),
+        diff = error_maps.crop_difference(a, b, top, left, size)
+        panels += [("int8", images["int8"][window]),
                    (f"|int8 - fp32| x{amplify:g}", np.clip(diff[..., None].repeat(3, 2) * amplify, 0, 255))]
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.7), dpi=110)
     for ax, (name, image) in zip(axes, panels):
-        ax.imshow(np.clip(np.asarray(image, dtype=np.float64)[window] / 255.0, 0, 1), interpolation="nearest")
+        ax.imshow(np.clip(np.asarray(image, dtype=np.float64) / 255.0, 0, 1), interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -159,18 +154,21 @@ def _crops_figure(images: dict, title: str, path: Path, amplify: float) -> None:
     plt.close(fig)
 
 
+HEATMAP_ASPECT = 3.0  # the heatmap figure is at most this many times as tall as wide (a taller image is drawn narrower)
+
+
 def _heatmap(images: dict, path: Path) -> str:
-    if "int8" in images:
-        diff = np.abs(images["int8"].astype(np.float64) - images["fp32"].astype(np.float64)).max(axis=2)
-        label = "|int8 - fp32| (8-bit levels, max over RGB)"
-    else:
-        diff = np.abs(images["fp32"].astype(np.float64) - images["hr"].astype(np.float64)).max(axis=2)
-        label = "|fp32 - HR| (8-bit levels, max over RGB)"
-    h, w = diff.shape
-    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.6), dpi=110)
-    shown = ax.imshow(diff, cmap="magma", vmin=0, vmax=max(1.0, float(np.percentile(diff, 99.9))))
+    """|a - b|, the maximum over RGB, of ``_difference_pair``: drawn from block maxima for a large image
+    (``error_maps.heatmap``), the colour scale up to the 99.9th percentile of every pixel."""
+    a, b, what = _difference_pair(images)
+    label = f"|{what}| (8-bit levels, max over RGB)"
+    shown, top = error_maps.heatmap(a, b)
+    h, w = a.shape[:2]
+    height = 6 * h / w if h <= HEATMAP_ASPECT * w else 6 * HEATMAP_ASPECT
+    fig, ax = plt.subplots(figsize=(6, height + 0.6), dpi=110)
+    drawn = ax.imshow(shown, cmap="magma", vmin=0, vmax=max(1.0, top))
     ax.axis("off")
-    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=label)
+    fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.02, label=label)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

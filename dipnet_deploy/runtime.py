@@ -39,8 +39,12 @@ SESSION_BYTES_PER_INPUT_PIXEL = 1024  # rough peak of one DIPNet-sized forward: 
 FULL_HD_PIXELS = 1920 * 1080  # latencies are reported per 1080p-equivalent frame: seconds x FULL_HD_PIXELS / (H x W)
 OPENVINO_INSTALL = "OpenVINO is not installed: pip install 'dipnet-deploy[openvino]' (or: pip install openvino)"
 ORT_LOG_FATAL_ONLY = 4  # onnxruntime logs a failed forward itself, in colour and several lines: we say it in one
-# what a runtime's failure to allocate says (onnxruntime's arena, C++'s std::bad_alloc as the runtimes word it)
-ALLOCATION_FAILURE = re.compile(r"Failed to allocate memory(?:[^\n]*?of size (\d+))?|bad.alloc|bad allocation")
+# what a runtime's failure to allocate says (onnxruntime's arena, C++'s std::bad_alloc as the runtimes word it,
+# PyTorch's CPU allocator), with the bytes asked for where it gives them
+ALLOCATION_FAILURE = re.compile(r"Failed to allocate memory(?:[^\n]*?of size (\d+))?|bad.alloc|bad allocation"
+                                r"|DefaultCPUAllocator: (?:can't allocate memory|not enough memory)"
+                                r"(?:[^\n]*?allocate (\d+) bytes)?")
+UNNAMED_MODEL = "the model"  # how a stage that was not told the model's file names it (``model_named`` renames it)
 WAIT_SLICE_S = 0.1  # the waiting thread looks for a signal this often, should the kernel hand it to another thread
 T = TypeVar("T")
 
@@ -77,8 +81,21 @@ def allocation_failures_named(model: str | Path, runtime: str) -> Iterator[None]
         found = ALLOCATION_FAILURE.search(str(error))
         if found is None:
             raise
-        size = f" (could not allocate {int(found.group(1)) / 2**20:,.0f} MiB)" if found.group(1) else ""
+        asked = found.group(1) or found.group(2)
+        size = f" (could not allocate {int(asked) / 2**20:,.0f} MiB)" if asked else ""
         raise OutOfMemoryError(model, f"{runtime} ran out of memory for this model{size}") from None
+
+
+@contextlib.contextmanager
+def model_named(model: str | Path) -> Iterator[None]:
+    """Name ``model`` (its file) in an ``OutOfMemoryError`` raised inside the block by a stage that was given the
+    model, not its file (it says ``UNNAMED_MODEL``); any other error goes on as it is."""
+    try:
+        yield
+    except OutOfMemoryError as error:
+        if error.where != UNNAMED_MODEL:
+            raise
+        raise OutOfMemoryError(model, error.problem) from None
 
 
 def interruptible(forward: Callable[[], T], stop: Callable[[], None]) -> T:

@@ -155,17 +155,42 @@ def int8_fidelity(fp32: Path, int8: Path, images: list[Path], height: int, width
 
 
 @pytest.fixture(autouse=True)
-def _fresh_resize_matrices():
-    """Every test builds its MATLAB-resize matrices itself: a cache filled by an earlier test (or, in a
-    mutation run, by an earlier mutant in the same process) would hide a change to the kernel."""
-    from dipnet_deploy.matlab_resize import resize_matrix
-
-    resize_matrix.cache_clear()
-
-
-@pytest.fixture(autouse=True)
 def _fresh_resize_weights():
-    """The same for the band weights ``imresize`` uses (``matlab_resize.axis_weights``)."""
+    """Every test builds the band weights ``imresize`` uses (``matlab_resize.axis_weights``) itself: a cache
+    filled by an earlier test (or, in a mutation run, by an earlier mutant in the same process) would hide a
+    change to the kernel."""
     from dipnet_deploy.matlab_resize import axis_weights
 
     axis_weights.cache_clear()
+
+
+def resize_matrix(in_length: int, out_length: int, scale: float) -> np.ndarray:
+    """The reference for ``matlab_resize``: the dense [out_length, in_length] float64 matrix of MATLAB's bicubic
+    along one axis, built from the kernel on its own (as the former whole-image ``imresize`` built it, nothing of
+    the package's used): cubic with a = -0.5, stretched by 1/scale when shrinking, centres at
+    ``x / scale + 0.5 * (1 - 1 / scale)``, taps mirrored symmetrically, each row normalized, taps falling on the
+    same input summed in tap order."""
+    def cubic(x: np.ndarray) -> np.ndarray:
+        absx = np.abs(x)
+        absx2, absx3 = absx**2, absx**3
+        near = (1.5 * absx3 - 2.5 * absx2 + 1) * (absx <= 1)
+        far = (-0.5 * absx3 + 2.5 * absx2 - 4 * absx + 2) * ((absx > 1) & (absx <= 2))
+        return near + far
+
+    kernel_width = 4.0
+    antialias = scale < 1
+    if antialias:
+        kernel_width /= scale
+    x = np.arange(1, out_length + 1, dtype=np.float64)
+    u = x / scale + 0.5 * (1 - 1 / scale)
+    left = np.floor(u - kernel_width / 2)
+    taps = int(np.ceil(kernel_width)) + 2
+    indices = left[:, None] + np.arange(taps)[None, :]
+    distance = u[:, None] - indices
+    weights = scale * cubic(scale * distance) if antialias else cubic(distance)
+    weights /= weights.sum(axis=1, keepdims=True)
+    mirror = np.concatenate([np.arange(in_length), np.arange(in_length - 1, -1, -1)])
+    columns = mirror[np.mod(indices.astype(np.int64) - 1, 2 * in_length)]
+    matrix = np.zeros((out_length, in_length), dtype=np.float64)
+    np.add.at(matrix, (np.repeat(np.arange(out_length), taps), columns.ravel()), weights.ravel())
+    return matrix

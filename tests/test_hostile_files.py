@@ -7,6 +7,7 @@ Every refusal: exit 2, one stderr line naming the file, no traceback, nothing of
 # ruff: noqa: F811  (the shared fixtures imported from test_safety are, by pytest's design, test parameters too)
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -404,6 +405,32 @@ def test_sighup_and_sigquit_stop_compare_and_its_workers_cleanly(signum, to_job,
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"terminated ({signum.name})"), err
     _wait_for(lambda: not any(map(_alive, workers)), within=10)
     assert not report.exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_sigkill_of_compare_ends_its_workers_at_once_and_silently(work, tmp_path):
+    """kill -9 of a `compare --workers 2` while both workers are inside a forward: no clean-up of the parent runs,
+    yet the workers end with it (PR_SET_PDEATHSIG), at once and without a word; they would otherwise finish their
+    forward of some 20 s and fail to hand the result back, with a BrokenPipeError traceback."""
+    env, marks = _marking_forwards(tmp_path)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dipnet_deploy", "compare", tmp_path / "report", "--fp32", _slow_model(tmp_path / "slow.onnx"),
+         "--data", work / "hr", "--workers", "2", "--repeats", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **env}, start_new_session=True)
+    try:
+        _wait_for(lambda: len(list(marks.iterdir())) >= 2)  # both workers are inside a forward
+        workers = [int(mark.name) for mark in marks.iterdir()]
+        assert process.pid not in workers
+        process.kill()
+        began = time.monotonic()
+        _, err = process.communicate(timeout=120)  # the workers share its stderr: read to its end, when they are gone
+        assert process.returncode == -signal.SIGKILL
+        assert time.monotonic() - began < 10, "the workers finished their forward"
+        assert "Traceback" not in err and "Error" not in err, err
+        _wait_for(lambda: not any(map(_alive, workers)), within=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # whatever a failure left of the job
 
 
 # --------------------------------------------------------------------------- folders a failed run made

@@ -54,16 +54,16 @@ def refused(result: tuple[int, str, str], name: str, words: str = "") -> None:
     assert "Traceback" not in err and name in lines[0] and words in lines[0], lines[0]
 
 
-def bounded(*args, address_space: int = ADDRESS_SPACE) -> tuple[int, str, str]:
+def bounded(*args, address_space: int = ADDRESS_SPACE, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     """The CLI in a child process whose address space is capped at ``address_space`` (a bomb that gets through
-    fails with MemoryError instead of swapping the machine to a halt)."""
+    fails with MemoryError instead of swapping the machine to a halt); ``env``: more environment variables."""
 
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
 
     done = subprocess.run([sys.executable, "-m", "dipnet_deploy", *map(str, args)], capture_output=True, text=True,
                           timeout=120, preexec_fn=cap,
-                          env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                          env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])} | (env or {}))
     return done.returncode, done.stdout, done.stderr
 
 
@@ -313,6 +313,74 @@ def test_model_needing_more_memory_than_there_is_is_one_line(command, tmp_path):
     refused(bounded(*args, address_space=4 << 30), "hungry.onnx", "onnxruntime ran out of memory for this model "
                                                                   "(could not allocate 8,192 MiB)")
     assert not (tmp_path / "up").exists() and not (tmp_path / "report").exists()
+
+
+def test_quantize_calibration_needing_more_memory_than_there_is_is_one_line(tmp_path):
+    """A calibration forward onnxruntime cannot allocate (the same 8 GiB tensor, 4 GiB of address space): one line
+    naming the model, exit 2, no output, no scratch folder left, nor onnxruntime's own error log."""
+    model = _hungry_model(tmp_path / "hungry.onnx")
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "tmp").mkdir()
+    cv2.imwrite(str(tmp_path / "calib" / "a.png"), np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    result = bounded("quantize", "--model", model, "--calib", tmp_path / "calib", "--method", "max",
+                     "-o", tmp_path / "q" / "hungry.int8.onnx", address_space=4 << 30, env={"TMPDIR": str(tmp_path / "tmp")})
+    refused(result, "hungry.onnx", "onnxruntime ran out of memory for this model (could not allocate 8,192 MiB)")
+    assert "Failed to allocate" not in result[2] and "\x1b[" not in result[2], result[2]
+    assert not (tmp_path / "q").exists()
+    assert [path.name for path in (tmp_path / "tmp").iterdir() if path.name.startswith("dipnet-")] == []
+
+
+def test_export_check_forward_needing_more_memory_than_there_is_is_one_line(x2_state, tmp_path):
+    """export's check forward of a small x2 model at 2048x2048 (some GiB of activations) in 2 GiB of address space
+    (the tool itself takes about 1): one line naming the checkpoint and the size to lower, exit 2, nothing written."""
+    torch.save(x2_state, tmp_path / "x2.pth")
+    result = bounded("export", "--checkpoint", tmp_path / "x2.pth", "--height", 2048, "--width", 2048,
+                     "-o", tmp_path / "out" / "x2.onnx", address_space=2 << 30)
+    refused(result, "x2.pth", "ran out of memory for this model, checking the export's 2048x2048 forward (a smaller "
+                              "--height/--width needs less)")
+    assert "Failed to allocate" not in result[2] and not (tmp_path / "out").exists()
+
+
+def test_export_check_forward_names_pytorch_running_out(tmp_path):
+    """The PyTorch half of the check forward, its allocator's failure injected: the same line, PyTorch named."""
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["output"])], "same",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 3, 8, 8])])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+    def hungry(x):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate memory)")
+
+    from dipnet_deploy.export import ort_max_abs_diff
+
+    with pytest.raises(OutOfMemoryError) as refusal:
+        ort_max_abs_diff(data, hungry, 8, 8, tmp_path / "w.pth")
+    assert str(refusal.value) == (f"{tmp_path / 'w.pth'}: PyTorch ran out of memory for this model (could not allocate "
+                                  "16,384 MiB), checking the export's 8x8 forward (a smaller --height/--width needs less)")
+
+
+def test_calibration_sessions_and_runs_name_the_model(tmp_path):
+    """range_graphs' sessions and runs (quantize's calibration passes) turn an allocation failure into one
+    OutOfMemoryError naming the model; unnamed, the CLI names it as the model it was given (model_named)."""
+    from dipnet_deploy.range_graphs import run
+    from dipnet_deploy.runtime import UNNAMED_MODEL, model_named
+
+    class Starved:
+        def run(self, outputs, feeds, options=None):
+            raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code returned while "
+                               "running Conv node. Failed to allocate memory for requested buffer of size 1048576")
+
+    with pytest.raises(OutOfMemoryError, match="^m.onnx: onnxruntime ran out of memory for this model "
+                                               r"\(could not allocate 1 MiB\)$"):
+        run(Starved(), None, {}, "m.onnx")
+    with pytest.raises(OutOfMemoryError, match="^given.onnx: onnxruntime ran out"), model_named("given.onnx"):
+        run(Starved(), None, {})
+    with pytest.raises(OutOfMemoryError, match="^m.onnx: "), model_named("given.onnx"):  # named already: kept
+        run(Starved(), None, {}, "m.onnx")
+    with pytest.raises(ValueError, match="not memory"), model_named("given.onnx"):
+        raise ValueError("not memory")
+    assert UNNAMED_MODEL == "the model"
 
 
 def test_only_allocation_failures_become_one_line():

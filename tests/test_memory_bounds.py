@@ -24,14 +24,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from dipnet_deploy import imageio, matlab_resize, metrics
-from dipnet_deploy.compare import compare_bytes
+from dipnet_deploy import error_maps, imageio, matlab_resize, metrics
+from dipnet_deploy.compare import REPORT_BYTES, REPORT_BYTES_PER_PIXEL, compare_bytes
 from dipnet_deploy.imageio import PngWriter, decode_bytes, read_header, read_rgb8, to_uint8_rgb
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
 from dipnet_deploy.upscale import upscale_bytes, upscale_rgb
 
-from .conftest import EVAL, need
+from .conftest import EVAL, need, resize_matrix
 
 # --------------------------------------------------------------------------- models and images
 
@@ -212,22 +212,33 @@ def test_header_over_the_budget_is_refused_before_decoding(model16x24, tmp_path,
     assert decodes == [] and not (tmp_path / "out").exists()
 
 
-def test_a_real_bomb_over_a_low_budget_is_refused_and_a_raised_budget_lets_it_through(tmp_path, invoke, monkeypatch,
-                                                                                    decodes):
-    """A 2000x1500 black PNG (some 10 KB: a real bomb, decodable) over a 10 MiB budget; the estimate the
-    message gives is the budget that lets it through."""
+def budget_given(how: str, mib: str, monkeypatch) -> list[str]:
+    """The memory budget ``mib`` set as ``how`` says: in the environment, or as the CLI's option (the arguments
+    to put before the command); the environment is restored after the test either way (the option sets it)."""
+    if how == "env":
+        monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", mib)
+        return []
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", "")  # recorded, so that teardown restores what was there before
+    monkeypatch.delenv("DIPNET_MAX_MEMORY_MB")
+    return ["--max-memory-mb", mib]
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_a_real_bomb_over_a_low_budget_is_refused_and_a_raised_budget_lets_it_through(how, tmp_path, invoke,
+                                                                                    monkeypatch, decodes):
+    """A 2000x1500 black PNG (some 10 KB: a real bomb, decodable) over a 10 MiB budget (DIPNET_MAX_MEMORY_MB or
+    --max-memory-mb); the estimate the message gives is the budget that lets it through."""
     model = conv_x2(tmp_path / "m.onnx", 500, 700)
     bomb = tmp_path / "black.png"
     cv2.imwrite(str(bomb), np.zeros((1500, 2000, 3), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     assert bomb.stat().st_size < 20_000
-    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", "10")
-    code, _, err = invoke("upscale", bomb, "--model", model, "-o", tmp_path / "out")
+    code, _, err = invoke(*budget_given(how, "10", monkeypatch), "upscale", bomb, "--model", model, "-o", tmp_path / "out")
     lines = one_line(err)
     assert code == 2 and len(lines) == 1 and "black.png" in lines[0] and decodes == [], err
     need_mib = int(lines[0].split("DIPNET_MAX_MEMORY_MB to ")[1].split()[0])
     assert need_mib == math.ceil(upscale_bytes(read_header(bomb), TiledRunner(str(model))) / 2**20)
-    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", str(need_mib))
-    code, _, err = invoke("upscale", bomb, "--model", model, "-o", tmp_path / "out")
+    code, _, err = invoke(*budget_given(how, str(need_mib), monkeypatch), "upscale", bomb, "--model", model,
+                          "-o", tmp_path / "out")
     assert code == 0 and decodes, err
     assert cv2.imread(str(tmp_path / "out" / "black.png")).shape == (3000, 4000, 3)
 
@@ -249,15 +260,34 @@ def test_compare_skips_an_image_over_the_budget_before_decoding_and_scores_the_r
     assert (tmp_path / "report" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e300"])
-def test_a_budget_that_is_no_number_of_mib_is_refused_before_any_work(value, model16x24, tmp_path, invoke,
+@pytest.mark.parametrize("how", ["env", "option"])
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf", "1e300", "9e12"])
+def test_a_budget_that_is_no_number_of_mib_is_refused_before_any_work(how, value, model16x24, tmp_path, invoke,
                                                                       monkeypatch):
+    """One line naming what the user set (the variable or the option), exit 2, nothing written."""
     cv2.imwrite(str(tmp_path / "in.png"), smooth(20, 20, 0))
-    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", value)
-    code, _, err = invoke("upscale", tmp_path / "in.png", "--model", model16x24, "-o", tmp_path / "out")
+    given = budget_given(how, value, monkeypatch)
+    code, _, err = invoke(*given, "upscale", tmp_path / "in.png", "--model", model16x24, "-o", tmp_path / "out")
     lines = one_line(err)
-    assert code == 2 and len(lines) == 1 and "DIPNET_MAX_MEMORY_MB" in lines[0] and "MiB" in lines[0], err
+    name = "DIPNET_MAX_MEMORY_MB" if how == "env" else "--max-memory-mb"
+    assert code == 2 and len(lines) == 1 and name in lines[0] and "MiB" in lines[0] and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_budget_option_is_documented_and_reaches_compare(tmp_path, invoke, monkeypatch):
+    """--help names the option and its variable; --max-memory-mb applies to compare's images as the variable
+    does (a skipped image names the budget)."""
+    code, out, _ = invoke("--help")
+    assert code == 0 and "--max-memory-mb" in out and "DIPNET_MAX_MEMORY_MB" in out
+    fp32 = conv_x2(tmp_path / "m.onnx", 32, 48)
+    data = tmp_path / "hr"
+    data.mkdir()
+    cv2.imwrite(str(data / "a.png"), smooth(96, 128, 5))
+    code, _, err = invoke(*budget_given("option", "1", monkeypatch), "compare", tmp_path / "report", "--fp32", fp32,
+                          "--data", data, "--repeats", "1")
+    skipped = [line for line in one_line(err) if line.startswith("warning: skipped")]
+    assert code == 2 and len(skipped) == 1 and "a.png" in skipped[0] and "over the 1 MiB budget" in skipped[0], err
+    assert one_line(err)[-1].startswith("dipnet-deploy: error: ") and "no usable HR images" in one_line(err)[-1]
 
 
 def _encoded(path: Path, array: np.ndarray, kind: str) -> Path:
@@ -304,9 +334,10 @@ def test_estimates_count_what_each_command_holds_per_pixel(model16x24, tmp_path)
         assert 6 * pixels <= upscale_bytes(header, runner) <= 6 * pixels + (8 << 20)
         # the encoded PNG a Ray worker sends back: up to the raw x2 output (12 B/px) beside the pixels
         assert upscale_bytes(header, runner, png_in_memory=True) >= 15 * pixels
-        # the report's float copies of the worst image (72 B/px) beside HR, fp32 and bicubic (3 B/px each)
+        # the report: HR, fp32 and bicubic (3 B/px each), what it adds per pixel, its bands and drawn map (bounded)
         fp32 = compare_bytes(header, {"fp32": runner}, "sr", 2)
-        assert 81 * pixels <= fp32 <= 81 * pixels + (100 << 20)
+        figures = error_maps.figure_bytes(side, side) + REPORT_BYTES
+        assert fp32 == (9 + REPORT_BYTES_PER_PIXEL) * pixels + figures and figures < 200 << 20
         assert compare_bytes(header, {"fp32": runner, "int8": runner}, "sr", 2) == fp32 + 3 * pixels
         # seed: the outputs are the model's size, whatever the image; the HR, its LR, the resize's bands
         assert compare_bytes(header, {"fp32": runner}, "seed", 2) <= 6 * pixels + (100 << 20)
@@ -319,8 +350,8 @@ def dense_imresize(image: np.ndarray, scale: float) -> np.ndarray:
     """The former whole-image ``imresize``: two products with dense float64 matrices."""
     height, width = image.shape[:2]
     out_h, out_w = int(math.ceil(height * scale)), int(math.ceil(width * scale))
-    rows = matlab_resize.resize_matrix(height, out_h, float(scale))
-    cols = matlab_resize.resize_matrix(width, out_w, float(scale))
+    rows = resize_matrix(height, out_h, float(scale))
+    cols = resize_matrix(width, out_w, float(scale))
     resized = np.tensordot(rows, image.astype(np.float64), axes=(1, 0))
     resized = np.moveaxis(np.tensordot(cols, resized, axes=(1, 1)), 0, 1)
     return np.floor(np.clip(resized, 0, 255) + 0.5).astype(np.uint8) if image.dtype == np.uint8 else resized
@@ -392,6 +423,193 @@ def test_metrics_in_blocks_match_the_whole_image_float64(monkeypatch, block_pixe
             else:
                 assert abs(pairs[0][0] - pairs[0][1]) <= 1e-9 and abs(pairs[1][0] - pairs[1][1]) <= 1e-10
         assert metrics.max_abs_difference(img, ref) == float(np.abs(img.astype(float) - ref.astype(float)).max())
+
+
+# --------------------------------------------------------------------------- the report's figures, lean
+
+
+def whole_crop_box(diff: np.ndarray) -> tuple[int, int]:
+    """The former crop search: an integral image of the whole float64 difference."""
+    h, w = diff.shape
+    size = min(error_maps.CROP, h, w)
+    integral = np.pad(diff, ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    sums = integral[size:, size:] - integral[:-size, size:] - integral[size:, :-size] + integral[:-size, :-size]
+    top, left = np.unravel_index(np.argmax(sums), sums.shape)
+    return int(top), int(left)
+
+
+def whole_crops_figure(images: dict, title: str, path: Path, amplify: float) -> None:
+    """The former ``report._crops_figure``: float64 copies and differences of the whole images."""
+    import matplotlib.pyplot as plt
+
+    reference = images.get("int8", images["fp32"])
+    diff = np.abs(reference.astype(np.float64) - images["fp32"].astype(np.float64)).mean(axis=2)
+    if "int8" not in images:
+        diff = np.abs(images["fp32"].astype(np.float64) - images["hr"].astype(np.float64)).mean(axis=2)
+    top, left = whole_crop_box(diff)
+    size = min(error_maps.CROP, diff.shape[0], diff.shape[1])
+    window = (slice(top, top + size), slice(left, left + size))
+    panels = [("HR", images["hr"]), ("bicubic", images["bicubic"]), ("fp32", images["fp32"])]
+    if "int8" in images:
+        panels += [("int8", images["int8"]),
+                   (f"|int8 - fp32| x{amplify:g}", np.clip(diff[..., None].repeat(3, 2) * amplify, 0, 255))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.7), dpi=110)
+    for ax, (name, image) in zip(axes, panels):
+        ax.imshow(np.clip(np.asarray(image, dtype=np.float64)[window] / 255.0, 0, 1), interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def whole_heatmap(images: dict, path: Path) -> str:
+    """The former ``report._heatmap``: the whole float64 difference drawn, its percentile by numpy."""
+    import matplotlib.pyplot as plt
+
+    if "int8" in images:
+        diff = np.abs(images["int8"].astype(np.float64) - images["fp32"].astype(np.float64)).max(axis=2)
+        label = "|int8 - fp32| (8-bit levels, max over RGB)"
+    else:
+        diff = np.abs(images["fp32"].astype(np.float64) - images["hr"].astype(np.float64)).max(axis=2)
+        label = "|fp32 - HR| (8-bit levels, max over RGB)"
+    h, w = diff.shape
+    fig, ax = plt.subplots(figsize=(6, 6 * h / w + 0.6), dpi=110)
+    shown = ax.imshow(diff, cmap="magma", vmin=0, vmax=max(1.0, float(np.percentile(diff, 99.9))))
+    ax.axis("off")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label=label)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return label
+
+
+def worst_pictures(hr: np.ndarray, seed: int, int8: bool = True, floats: bool = False) -> dict[str, np.ndarray]:
+    """What ``compare`` hands the report: HR, bicubic, fp32 and (sparsely off by a level or two) int8; with
+    ``floats`` as the seed protocol does, float64 HR and unrounded float32 outputs on [0, 255]."""
+    rng = np.random.default_rng(seed)
+    fp32 = cv2.GaussianBlur(hr, (3, 3), 0.8)
+    images = {"hr": hr, "bicubic": cv2.GaussianBlur(hr, (5, 5), 1.5), "fp32": fp32}
+    if int8:
+        step = rng.integers(-2, 3, fp32.shape) * (rng.random(fp32.shape) < 0.3)
+        images["int8"] = np.clip(fp32.astype(np.int16) + step, 0, 255).astype(np.uint8)
+    if floats:
+        jitter = {name: rng.random(hr.shape, np.float32) - 0.5 for name in images}
+        images = {name: (image.astype(np.float64) if name == "hr" else
+                         np.clip(image.astype(np.float32) + jitter[name], 0, 255)) for name, image in images.items()}
+    return images
+
+
+def _pixels(path: Path) -> np.ndarray:
+    return cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+
+
+@pytest.mark.parametrize("int8, floats", [(True, False), (False, False), (True, True)],
+                         ids=["int8", "fp32 alone", "seed protocol floats"])
+def test_report_figures_are_the_whole_image_figures(tmp_path, int8, floats):
+    """On a Set5 image and a random one, with and without int8, uint8 or float pictures: the crops and the
+    heatmap the report draws (in bands) are the former whole-image figures, pixel for pixel (the same window,
+    the same colour scale)."""
+    from dipnet_deploy import report
+
+    random = (np.random.default_rng(5).random((230, 347, 3)) * 255).astype(np.uint8)
+    for index, hr in enumerate([set5()[1], random]):
+        images = worst_pictures(hr, index, int8, floats)
+        whole_crops_figure(images, "worst", tmp_path / "whole_crops.png", 32.0)
+        report._crops_figure(images, "worst", tmp_path / "crops.png", 32.0)
+        assert np.array_equal(_pixels(tmp_path / "crops.png"), _pixels(tmp_path / "whole_crops.png")), index
+        assert report._heatmap(images, tmp_path / "heat.png") == whole_heatmap(images, tmp_path / "whole_heat.png")
+        assert np.array_equal(_pixels(tmp_path / "heat.png"), _pixels(tmp_path / "whole_heat.png")), index
+
+
+def _differing(height: int, width: int, seed: int, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if kind == "floats":  # the seed protocol's: float32 outputs on [0, 255], not rounded
+        return (np.clip(a + rng.random(a.shape, np.float32) * 3, 0, 255),
+                np.clip(a + rng.random(a.shape, np.float32) * 3, 0, 255))
+    if kind == "noise":
+        return a, np.clip(a.astype(np.int16) + rng.integers(-3, 4, a.shape), 0, 255).astype(np.uint8)
+    b = a.copy()  # sparse single-level flips: many windows tie, and ties must go to the first, as before
+    b[rng.random((height, width)) < (0.01 if kind == "sparse" else 0.0)] ^= 1
+    return a, b
+
+
+@pytest.mark.parametrize("band_bytes", [error_maps.BAND_BYTES, 3000])
+def test_crop_search_and_heatmap_numbers_are_the_whole_image_ones(monkeypatch, band_bytes):
+    """The window (ties included) and the colour scale of the former whole-image search, bit for bit, on images
+    smaller than the crop, one step and (with small bands) many steps of the search."""
+    monkeypatch.setattr(error_maps, "BAND_BYTES", band_bytes)
+    for seed, (height, width) in enumerate([(37, 53), (96, 200), (200, 96), (5, 7), (300, 301), (97, 400),
+                                            (500, 20), (1000, 700)]):
+        for kind in ("noise", "sparse", "equal", "floats"):
+            a, b = _differing(height, width, seed, kind)
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            assert np.array_equal(error_maps.mean_difference(a, b), diff.mean(axis=2))
+            top, left, size = error_maps.crop_box(a, b)
+            assert (top, left) == whole_crop_box(diff.mean(axis=2)) and size == min(96, height, width)
+            shown, scale_top = error_maps.heatmap(a, b)
+            assert scale_top == float(np.percentile(diff.max(axis=2), 99.9)), (height, width, kind)
+            assert np.array_equal(shown, diff.max(axis=2))  # drawn whole: within HEATMAP_SIDE
+
+
+def test_percentile_of_levels_is_numpys():
+    rng = np.random.default_rng(2)
+    for _ in range(2000):
+        values = rng.integers(0, int(rng.integers(1, 256)) + 1, int(rng.integers(1, 3000))).astype(np.uint8)
+        values[rng.random(len(values)) < rng.random()] = 0  # long runs of one level, as a difference map has
+        for percentile in (99.9, 50.0, 37.3):
+            assert error_maps.percentile_of_levels(np.bincount(values, minlength=256), percentile) == float(
+                np.percentile(values.astype(np.float64), percentile))
+
+
+def test_heatmap_of_a_large_image_is_drawn_from_block_maxima(monkeypatch):
+    """Over ``HEATMAP_SIDE`` (made small here) the map drawn is the maximum of each k x k block (partial blocks
+    at the edges), at most that side; the colour scale still counts every pixel."""
+    monkeypatch.setattr(error_maps, "HEATMAP_SIDE", 64)
+    monkeypatch.setattr(error_maps, "BAND_BYTES", 5000)  # several bands, each whole blocks
+    a, b = _differing(150, 203, 9, "noise")
+    b[149, 202] = a[149, 202] ^ 200  # a lone large difference in the last, partial block
+    full = np.abs(a.astype(np.int16) - b.astype(np.int16)).max(axis=2)
+    shown, scale_top = error_maps.heatmap(a, b)
+    k = error_maps.heatmap_block(150, 203)
+    assert k == 4 and shown.shape == (38, 51) and max(shown.shape) <= 64
+    padded = np.zeros((152, 204), np.int16)
+    padded[:150, :203] = full
+    assert np.array_equal(shown, padded.reshape(38, 4, 51, 4).max(axis=(1, 3)))
+    assert shown[-1, -1] == full[149, 202] and scale_top == float(np.percentile(full, 99.9))
+
+
+@pytest.mark.parametrize("height, width", [(1200, 1700), (100, 20000), (20000, 100), (97, 30000), (1030, 1030)])
+def test_figures_take_what_figure_bytes_says_whatever_the_shape(height, width):
+    """The crop search and the heatmap (numpy's allocations, traced) stay within ``figure_bytes``, a bound that
+    does not grow with the image's height; the drawn map is at most ``HEATMAP_SIDE`` a side."""
+    import tracemalloc
+
+    a, b = _differing(height, width, 3, "noise")
+    for step in (error_maps.crop_box, error_maps.heatmap):
+        tracemalloc.start()
+        try:
+            result = step(a, b)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= error_maps.figure_bytes(height, width), (step.__name__, peak)
+    assert max(result[0].shape) <= error_maps.HEATMAP_SIDE
+    assert max(error_maps.figure_bytes(rows, 500) for rows in (5_000, 50_000, 500_000)) < 32 << 20
+    assert error_maps.figure_bytes(10_000, 10_000) < 160 << 20
+
+
+def test_heatmap_of_a_very_tall_image_is_a_bounded_figure(tmp_path):
+    """A strip 40 pixels wide and 6000 tall (the former figure: 90,000 pixels tall, which Agg refuses)."""
+    from dipnet_deploy import report
+
+    hr = np.zeros((6000, 40, 3), np.uint8)
+    images = worst_pictures(hr, 0)
+    report._heatmap(images, tmp_path / "heat.png")
+    report._crops_figure(images, "strip", tmp_path / "crops.png", 32.0)
+    assert _pixels(tmp_path / "heat.png").shape[0] <= (6 * report.HEATMAP_ASPECT + 0.6) * 110 + 1
 
 
 # --------------------------------------------------------------------------- measured: a child's peak memory

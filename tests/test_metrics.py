@@ -6,11 +6,11 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from dipnet_deploy.imageio import read_rgb8
-from dipnet_deploy.matlab_resize import imresize, resize_matrix
+from dipnet_deploy.matlab_resize import axis_weights, imresize
 from dipnet_deploy.metrics import psnr, rgb_to_y, ssim
 from dipnet_deploy.sr_protocol import make_pair, score
 
-from .conftest import EVAL, need, reference_score
+from .conftest import EVAL, need, reference_score, resize_matrix
 
 
 # Published bicubic Set5 Y-PSNR: 33.66 (x2) and 28.42 (x4). The published +-0.03 would hide a missing
@@ -51,6 +51,7 @@ def test_rgb_to_y_is_scikit_image_bt601():
 
 
 def test_resize_matrix_properties():
+    """The tests' dense reference (conftest.resize_matrix) against MATLAB's taps worked out by hand."""
     down = resize_matrix(12, 6, 0.5)
     assert np.allclose(down.sum(axis=1), 1.0)  # rows are normalized interpolation weights
     # antialiased x1/2 bicubic taps (MATLAB): cubic(x / 2) / 2 at distances 0.5, 1.5, 2.5, 3.5, normalized
@@ -60,6 +61,18 @@ def test_resize_matrix_properties():
     expected = np.concatenate([weights[::-1], weights]) / (2 * weights.sum())
     assert np.allclose(interior, expected)
     assert np.allclose(imresize(np.full((9, 7), 77.0), 0.5), 77.0)  # constants stay constant
+
+
+@pytest.mark.parametrize("in_length, out_length, scale", [
+    (12, 6, 0.5), (12, 24, 2.0), (7, 28, 4.0), (40, 10, 0.25), (9, 3, 1 / 3), (5, 15, 3.0), (1, 2, 2.0), (3, 1, 0.5),
+    (2, 1, 0.25)])
+def test_band_weights_are_the_dense_matrix_entries(in_length, out_length, scale):
+    """``imresize``'s band weights, spread out, are the reference matrix bit for bit (mirrored taps falling on
+    one input included: short sides, corners)."""
+    first, window = axis_weights(in_length, out_length, scale)
+    spread = np.zeros((out_length, in_length))
+    spread[np.arange(out_length)[:, None], first[:, None] + np.arange(window.shape[1])[None, :]] = window
+    assert np.array_equal(spread, resize_matrix(in_length, out_length, scale))
 
 
 def test_psnr_ssim_match_scikit_image():

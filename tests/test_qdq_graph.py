@@ -117,3 +117,14 @@ def test_convs_that_fit_the_rule_are_left_alone(int8_model):
     model = copy_of(int8_model)
     assert pad_for_fast_path(model, anything) == []
     assert model.SerializeToString() == int8_model.SerializeToString()
+
+
+def test_a_conv_whose_inputs_cannot_be_padded_is_left_whole(int8_model):
+    """Input channels are padded only behind a Q of zero point 0 (the image); c reads b's output, whose zero
+    point is not 0, so under a rule wanting 16 input channels it keeps its 8 and its outputs too."""
+    wide_inputs = FAST_PATH._replace(input_multiple=16, min_outputs=1, output_multiple=1)
+    model = depth_to_space_on_uint8(copy_of(int8_model))
+    changes = pad_for_fast_path(model, wide_inputs)
+    assert {c["conv"]: c["padded"] for c in changes} == {"a": [16, 16], "b": [16, 8]}
+    x = np.random.default_rng(3).random((1, 3, SIDE, SIDE), dtype=np.float32)
+    assert np.array_equal(run(model, x), run(int8_model, x))
