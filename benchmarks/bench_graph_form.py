@@ -2,7 +2,8 @@
 same model without the padding (``qdq_graph.unpad``), side by side in one run.
 
 Prints: whether both give bit-identical outputs (a real photo and a random input), the forward latency of each
-on onnxruntime (and OpenVINO when installed), interleaved A/B rounds, medians and their ratio; then
+on onnxruntime (and OpenVINO when installed), interleaved A/B rounds within one runtime at a time (onnxruntime's
+idle threads spin after a forward and slow whatever runs next), medians and their ratio; then
 onnxruntime's profiler table: every conv's kernel time, its real multiply-accumulates (the model's own
 channels, not the padded ones) and its time per MAC against the median conv's.
 
@@ -117,7 +118,11 @@ def main() -> None:
             for runtime in runtimes:
                 same = np.array_equal(forwards[f"{runtime} padded"](x), forwards[f"{runtime} plain"](x))
                 print(f"bit-identical output, {runtime} ({what}): {same}")
-        times = time_interleaved(forwards, photo, args.rounds)
+        # one runtime at a time: onnxruntime's idle threads spin after a forward and slow whatever runs next
+        times = {}
+        for runtime in runtimes:
+            pair = {key: forward for key, forward in forwards.items() if key.startswith(runtime)}
+            times |= time_interleaved(pair, photo, args.rounds)
     medians = {key: statistics.median(values) for key, values in times.items()}
     for key, seconds in medians.items():
         print(f"  {key:22s} {seconds * 1000:8.1f} ms per forward (median of {args.rounds}, interleaved)")

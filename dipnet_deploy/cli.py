@@ -478,15 +478,10 @@ def progress_bar(iterable, description: str, total: int | None = None):
                    "beside yours, so that no range is narrower than what such images produce. Wider ranges cost "
                    "photos resolution (BENCHMARKS.md: 'int8 on every image'); 0: your images alone.")
 @max_clip_option
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime", show_default=True,
-              help="The runtime the int8 graph's form is chosen for: onnxruntime pads the convs whose channel "
-                   "counts miss its fast integer kernel (zero weights; bit-identical output, a faster forward); "
-                   "openvino keeps the graph onnxruntime's quantizer writes (OpenVINO runs its own kernels). "
-                   "Both runtimes run either file (BENCHMARKS.md: 'graph form').")
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
-             auto_steps, coverage, max_clip, runtime, as_json):
+             auto_steps, coverage, max_clip, as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
@@ -512,7 +507,7 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         raise InputError("--auto-steps", "applies to --method auto with --calib only (reused --ranges keep "
                                          "the steps they were refined with)")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
-                              AutoOptions(iters=auto_steps, clip=max_clip), coverage, runtime)
+                              AutoOptions(iters=auto_steps, clip=max_clip), coverage)
     with model_named(model):  # no memory for a calibration session or forward: named as the model given
         result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary

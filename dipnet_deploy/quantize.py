@@ -41,7 +41,6 @@ from dipnet_deploy.ranges_schema import (
     learned_points,
     read_ranges,
 )
-from dipnet_deploy.runtime import RUNTIMES
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.stress_set import COVERAGE_HUES, COVERAGE_SEED, coverage_images
 
@@ -67,9 +66,6 @@ class QuantizeOptions:
     coverage: generated stress images (``stress_set.coverage_images``: saturated flat colours, line art,
         text, gradients, UI) calibrated beside the user's, so that no range is narrower than what such
         images produce (0, the default: the user's images alone).
-    runtime: the runtime the graph's form is chosen for (``qdq_graph``): "onnxruntime" pads the convs that
-        miss its fast integer kernel; "openvino" leaves them as onnxruntime's quantizer wrote them (OpenVINO
-        runs its own kernels; the padding only costs it, BENCHMARKS.md). Both runtimes run either file.
     """
 
     method: str = "max"
@@ -80,7 +76,6 @@ class QuantizeOptions:
     equalize: bool = True
     auto: AutoOptions = field(default_factory=AutoOptions)  # --method auto
     coverage: int = DEFAULT_COVERAGE
-    runtime: str = "onnxruntime"
 
 
 @dataclass
@@ -285,7 +280,7 @@ def write_int8(model_path: Path, document: dict, output: Path, options: Quantize
         finally:
             root.setLevel(level)
     int8 = depth_to_space_on_uint8(onnx.load(str(output)))
-    padded = pad_for_fast_path(int8) if options.runtime == "onnxruntime" else []
+    padded = pad_for_fast_path(int8)
     int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
     output.write_bytes(int8.SerializeToString())
     return padded
@@ -348,8 +343,6 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     learned = options.method == LEARNED
     if learned and calib_dir is not None:
         raise InputError("--calib", "--method learned takes no calibration images (the ranges come with the model)")
-    if options.runtime not in RUNTIMES:
-        raise InputError("--runtime", f"unknown runtime {options.runtime!r} (choose from {', '.join(RUNTIMES)})")
     if not 50 < options.percentile <= 100:  # also refuses NaN, which click's range lets through
         raise InputError("--percentile", f"{options.percentile} is not in (50, 100]")
     started = time.perf_counter()
@@ -395,8 +388,8 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
             "equalization": equalization_summary(document),
             "format": "QDQ (onnxruntime quantize_static)",
             "conv_report": quantized_conv_report(int8),
-            "graph_form": {"for_runtime": options.runtime,
-                           "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded}},
+            "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded,
+                                  "note": "onnxruntime's fast integer kernel; OpenVINO sessions take it out"},
             "ops": summary["ops"],
             "input_shape": summary["inputs"],
             "output_shape": summary["outputs"],
@@ -413,7 +406,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         "images_used": len(document["calibration_files"]), "images_skipped": len(document.get("skipped", [])),
         "coverage_images": document.get("coverage", {}).get("images", 0),
         "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
-        "graph_for": options.runtime, "padded_convs": len(padded),
+        "padded_convs": len(padded),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": round(time.perf_counter() - started, 2),
     }
