@@ -16,6 +16,7 @@ from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.ptq import AutoOptions
 from dipnet_deploy.qat import onnx_point_names
+from dipnet_deploy.qdq_graph import dequantize_early
 from dipnet_deploy.quantize import QuantizeOptions, quantize
 
 from .conftest import CALIBRATION
@@ -80,8 +81,9 @@ def test_auto_ranges_reuse_is_byte_identical(routes, invoke):
 
 
 def int8_weight_levels(path) -> dict[str, np.ndarray]:
-    """The int8 weights a QDQ model holds, by the float weight's name (onnxruntime's ``<name>_quantized``)."""
-    model = onnx.load(str(path))
+    """The int8 weights a QDQ model holds, by the float weight's name (onnxruntime's ``<name>_quantized``), as
+    onnxruntime's quantizer wrote them (without the fast-path padding)."""
+    model = dequantize_early(onnx.load(str(path)))
     return {init.name[: -len("_quantized")]: numpy_helper.to_array(init) for init in model.graph.initializer
             if init.name.endswith(".weight_quantized")}
 
