@@ -41,6 +41,7 @@ bench: install
 	cd benchmarks && ../$(PY) bench_train.py
 	test -f build/dipnet_x2_1080x1920.int8.onnx || $(CLI) quantize
 	cd benchmarks && ../$(PY) bench_upscale.py --model ../build/dipnet_x2_1080x1920.onnx
+	cd benchmarks && ../$(PY) bench_graph_form.py --int8 ../build/dipnet_x2_1080x1920.int8.onnx
 	$(PY) -m pip install --quiet -e ".[bench]"
 	test -f runs/ft_x2.pth || $(CLI) finetune --data $(SHARED)/data/train --out runs/ft_x2.pth --json
 	cd benchmarks && ../$(PY) bench_finetune.py --variant x2 --finetuned ../runs/ft_x2.pth

@@ -18,6 +18,7 @@ PNG output is written band by band (``PngWriter``), so an upscaled image is neve
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -53,7 +54,17 @@ DEFAULT_MAX_MEMORY_MB = 700.0
 MAX_MEMORY_MB_LIMIT = 2.0**43  # a budget is below this many MiB (8 EiB: beyond any machine; keeps the bytes an int64)
 MIB = 1 << 20
 
-Image.MAX_IMAGE_PIXELS = None  # Pillow's own bomb check would stop raised limits; ours is in check_image_size
+
+@contextlib.contextmanager
+def _pillow_size_check_off() -> Iterator[None]:
+    """Pillow's own decompression-bomb check off for one header read, restored after: its fixed limit would
+    refuse what a raised DIPNET_MAX_MEGAPIXELS allows; ours (``check_image_size``) runs on the declared size."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
 
 
 def max_pixels() -> int:
@@ -147,7 +158,7 @@ def read_header(path: Path) -> ImageHeader:
         raise InputError(path, f"{size / 2**20:,.0f} MiB is more than an image within the size limit can take "
                                f"(set {MAX_MEGAPIXELS_VARIABLE} above {limit / 1e6:g} to allow larger images)")
     try:
-        with warnings.catch_warnings(), Image.open(path) as image:  # parses the header; pixels stay on disk
+        with warnings.catch_warnings(), _pillow_size_check_off(), Image.open(path) as image:  # the header only
             warnings.simplefilter("ignore")
             width, height = image.size
             kind = image.format

@@ -23,17 +23,14 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dipnet_deploy import error_maps, leftovers  # noqa: E402
-from dipnet_deploy.artifacts import TOOL  # noqa: E402
-from dipnet_deploy.compare import METRICS, Comparison  # noqa: E402
-from dipnet_deploy.errors import InputError  # noqa: E402
-from dipnet_deploy.fileio import (  # noqa: E402
+from dipnet_deploy import error_maps, leftovers
+from dipnet_deploy.artifacts import TOOL
+from dipnet_deploy.compare import METRICS, Comparison
+from dipnet_deploy.errors import InputError
+from dipnet_deploy.fileio import (
     json_bytes,
     make_folders,
     refuse_unwritable,
@@ -41,7 +38,7 @@ from dipnet_deploy.fileio import (  # noqa: E402
     sha256_file,
     write_failures_named,
 )
-from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, our_report_files, refuse_collisions  # noqa: E402
+from dipnet_deploy.safety import METRICS_SCHEMA_PREFIX, our_report_files, refuse_collisions
 
 COLOURS = {"fp32": "#1f77b4", "int8": "#d62728", "bicubic": "#7f7f7f"}
 DIAGNOSIS_SHOWN = 40  # tensors in the diagnosis chart (the table lists all)
@@ -83,7 +80,8 @@ def _psnr_chart(rows: list[dict], path: Path) -> None:
     names = [n for n in ("bicubic", "fp32", "int8") if n in rows[0]["psnr_y"]]
     labels = [display_name(Path(r["image"]).stem) for r in rows]
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 3.6), dpi=110)
+    fig = Figure(figsize=(max(6, 0.5 * len(rows) + 2), 3.6), dpi=110)
+    ax = fig.subplots()
     x = np.arange(len(rows))
     for i, name in enumerate(names):
         ax.bar(x + (i - (len(names) - 1) / 2) * width, [r["psnr_y"][name] for r in rows], width,
@@ -98,14 +96,14 @@ def _psnr_chart(rows: list[dict], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def _diagnosis_chart(diagnosis: list[dict]) -> bytes:
     """Horizontal bars (PNG bytes): PSNR-Y regained by leaving each tensor in float, largest on top. Made in
     memory: it is only embedded in the page, never a file of the report."""
     shown = diagnosis[:DIAGNOSIS_SHOWN]
-    fig, ax = plt.subplots(figsize=(8, 0.28 * len(shown) + 1.2), dpi=110)
+    fig = Figure(figsize=(8, 0.28 * len(shown) + 1.2), dpi=110)
+    ax = fig.subplots()
     y = np.arange(len(shown))[::-1]
     ax.barh(y, [d["psnr_y_gain_db"] for d in shown], color=COLOURS["int8"])
     ax.set_yticks(y, [f"{d['tensor']} ({d['producer']})" for d in shown], fontsize=7)
@@ -115,7 +113,6 @@ def _diagnosis_chart(diagnosis: list[dict]) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -143,7 +140,8 @@ def _crops_figure(images: dict, title: str, path: Path, amplify: float) -> None:
         diff = error_maps.crop_difference(a, b, top, left, size)
         panels += [("int8", images["int8"][window]),
                    (f"|int8 - fp32| x{amplify:g}", np.clip(diff[..., None].repeat(3, 2) * amplify, 0, 255))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.7), dpi=110)
+    fig = Figure(figsize=(2.3 * len(panels), 2.7), dpi=110)
+    axes = fig.subplots(1, len(panels))
     for ax, (name, image) in zip(axes, panels):
         ax.imshow(np.clip(np.asarray(image, dtype=np.float64) / 255.0, 0, 1), interpolation="nearest")
         ax.set_title(name, fontsize=9)
@@ -151,7 +149,6 @@ def _crops_figure(images: dict, title: str, path: Path, amplify: float) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 HEATMAP_ASPECT = 3.0  # the heatmap figure is at most this many times as tall as wide (a taller image is drawn narrower)
@@ -165,13 +162,13 @@ def _heatmap(images: dict, path: Path) -> str:
     shown, top = error_maps.heatmap(a, b)
     h, w = a.shape[:2]
     height = 6 * h / w if h <= HEATMAP_ASPECT * w else 6 * HEATMAP_ASPECT
-    fig, ax = plt.subplots(figsize=(6, height + 0.6), dpi=110)
+    fig = Figure(figsize=(6, height + 0.6), dpi=110)
+    ax = fig.subplots()
     drawn = ax.imshow(shown, cmap="magma", vmin=0, vmax=max(1.0, top))
     ax.axis("off")
     fig.colorbar(drawn, ax=ax, fraction=0.046, pad=0.02, label=label)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return label
 
 

@@ -66,3 +66,27 @@ def test_missing_shared_data_skips_or_fails_under_require_shared(tmp_path, monke
     with pytest.raises(pytest.fail.Exception, match="DIPNET_REQUIRE_SHARED=1"):
         need(tmp_path / "missing")
     assert need(tmp_path) == tmp_path
+
+
+def test_importing_the_package_changes_no_global_state():
+    """No import-time side effects: Pillow's bomb limit stays Pillow's, matplotlib's pyplot (and its global
+    backend choice) is never imported, the root logger keeps its level; a header read restores the limit."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, sys
+import PIL.Image as Image
+limit, level = Image.MAX_IMAGE_PIXELS, logging.getLogger().level
+import dipnet_deploy.cli, dipnet_deploy.report, dipnet_deploy.imageio, dipnet_deploy.quantize, dipnet_deploy.compare
+assert Image.MAX_IMAGE_PIXELS == limit, Image.MAX_IMAGE_PIXELS
+assert "matplotlib.pyplot" not in sys.modules
+assert logging.getLogger().level == level
+import numpy as np, cv2, pathlib, tempfile
+path = pathlib.Path(tempfile.mkdtemp()) / "a.png"
+cv2.imwrite(str(path), np.zeros((8, 8, 3), np.uint8))
+dipnet_deploy.imageio.read_header(path)
+assert Image.MAX_IMAGE_PIXELS == limit
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
