@@ -3,11 +3,13 @@ DIPNET_REQUIRE_SHARED=1 (what CI sets in .ci/run), so a missing data folder neve
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,9 +17,12 @@ import pytest
 import torch
 
 from dipnet_deploy.archs.dipnet_train_arch import build_train_model
+from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.config import PRESETS
+from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import read_rgb8, vendor_preprocess
 from dipnet_deploy.metrics import psnr
+from dipnet_deploy.quantize import QuantizeOptions, quantize
 from dipnet_deploy.range_graphs import float_tensors, values_model
 
 SHARED = Path(os.environ.get("DIPNET_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
@@ -194,3 +199,96 @@ def resize_matrix(in_length: int, out_length: int, scale: float) -> np.ndarray:
     matrix = np.zeros((out_length, in_length), dtype=np.float64)
     np.add.at(matrix, (np.repeat(np.arange(out_length), taps), columns.ravel()), weights.ravel())
     return matrix
+
+
+# --------------------------------------------------------------------------- tiny models and folders shared by modules
+
+SIDE = 40  # model input side: small, and above twice the halo (16 px) so compare can tile it
+
+
+def write_images(directory: Path, count: int, size: tuple[int, int] = (48, 64), seed: int = 0) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = directory / f"img{i}.png"
+        cv2.imwrite(str(path), cv2.GaussianBlur((rng.random((*size, 3)) * 255).astype(np.uint8), (5, 5), 2))
+        paths.append(path)
+    return paths
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` (links not followed) -> sha256 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+def refused(result: tuple[int, str, str], names: str, before: dict, root: Path) -> None:
+    """Exit 2, one stderr line naming ``names`` (progress bars aside), no traceback, ``root`` exactly as ``before``."""
+    code, _, err = result
+    lines = [line for line in err.strip().splitlines() if "%|" not in line]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("dipnet-deploy: error: "), err
+    assert "Traceback" not in err
+    assert names in lines[0], lines[0]
+    assert snapshot(root) == before
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny x2 checkpoint, its fp32 and int8 ONNX (32x32 input), calibration and HR folders."""
+    work = tmp_path_factory.mktemp("safety")
+    checkpoint = work / "w.pth"
+    torch.save(random_train_model(PRESETS["x2"].replace(expansion=8), std=0.05).state_dict(), checkpoint)
+    fp32 = export(load_checkpoint(checkpoint), work / "m.onnx", ExportOptions(SIDE, SIDE)).onnx_path
+    write_images(work / "calib", 2)
+    int8 = quantize(fp32, work / "m.int8.onnx", work / "calib", options=QuantizeOptions(equalize=False)).int8_path
+    write_images(work / "hr", 2, (40, 56), seed=1)
+    return {"checkpoint": checkpoint, "fp32": fp32, "int8": int8, "calib": work / "calib", "hr": work / "hr"}
+
+
+@pytest.fixture
+def work(models, tmp_path) -> Path:
+    """A private copy of the models and folders (tests may try to damage them); w.json is the checkpoint too."""
+    for name in ("w.pth", "m.onnx", "m.json", "m.int8.onnx", "m.int8.json", "m.ranges.json"):
+        (tmp_path / name).write_bytes((models["fp32"].parent / name).read_bytes())
+    (tmp_path / "w.json").write_bytes((tmp_path / "w.pth").read_bytes())
+    for folder in ("calib", "hr"):
+        (tmp_path / folder).mkdir()
+        for path in models[folder].iterdir():
+            (tmp_path / folder / path.name).write_bytes(path.read_bytes())
+    return tmp_path
+
+
+def compare_args(work: Path, report: Path | str, data: Path | None = None) -> list[str]:
+    return ["compare", str(report), "--fp32", str(work / "m.onnx"), "--int8", str(work / "m.int8.onnx"),
+            "--data", str(data or work / "hr"), "--repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def x2_pair(tmp_path_factory):
+    """fp32 + int8 x2 models (random weights, 64x96 input) and the unfolded reference module."""
+    work = tmp_path_factory.mktemp("pair")
+    train_model = random_train_model(PRESETS["x2"].replace(expansion=24), std=0.06)
+    checkpoint = work / "x2.pth"
+    torch.save(train_model.state_dict(), checkpoint)
+    fp32 = export(load_checkpoint(checkpoint), work / "x2.onnx", ExportOptions(height=64, width=96)).onnx_path
+    calib = work / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        cv2.imwrite(str(calib / f"{i}.png"), cv2.GaussianBlur((rng.random((90, 120, 3)) * 255).astype(np.uint8), (5, 5), 2))
+    int8 = quantize(fp32, work / "x2.int8.onnx", calib).int8_path
+    return fp32, int8, train_model
+
+
+@pytest.fixture
+def hr_dir(tmp_path):
+    """Three small colour HR images (one larger than a tile of the 64x96 model at x2)."""
+    directory = tmp_path / "hr"
+    directory.mkdir()
+    rng = np.random.default_rng(1)
+    for name, (h, w) in {"a.png": (300, 420), "b.png": (96, 128), "c.png": (60, 90)}.items():
+        noise = cv2.GaussianBlur((rng.random((h, w, 3)) * 255).astype(np.uint8), (7, 7), 3)
+        cv2.imwrite(str(directory / name), noise)
+    return directory

@@ -11,8 +11,6 @@ from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.runtime import open_session, reusing_output
 
-from .test_compare import hr_dir, x2_pair  # noqa: F401 (fixtures shared with the compare tests)
-
 
 @pytest.fixture(scope="module")
 def pair(x2_pair):  # noqa: F811

@@ -18,8 +18,7 @@ import pytest
 from dipnet_deploy.cluster import RayOptions, ray_map, refuse_unreachable
 from dipnet_deploy.errors import InputError
 
-from .conftest import sigint_default
-from .test_safety import models, snapshot, work, write_images  # noqa: F401 (fixtures)
+from .conftest import sigint_default, snapshot, write_images
 from .test_upscale import make_video
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'dipnet-deploy[ray]'")

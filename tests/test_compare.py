@@ -23,38 +23,9 @@ from dipnet_deploy.quantize import quantize
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, to_input
 from dipnet_deploy.tiling import TiledRunner, receptive_field
 
-from .conftest import CALIBRATION, EVAL, OFFICIAL_X4, need, random_train_model, reference_score
+from .conftest import CALIBRATION, EVAL, OFFICIAL_X4, need, reference_score
 
 PACKAGED_X2 = Path(__file__).resolve().parents[1] / "dipnet_deploy" / "weights" / "dipnet_x2.pth"
-
-
-@pytest.fixture(scope="module")
-def x2_pair(tmp_path_factory):
-    """fp32 + int8 x2 models (random weights, 64x96 input) and the unfolded reference module."""
-    work = tmp_path_factory.mktemp("pair")
-    train_model = random_train_model(PRESETS["x2"].replace(expansion=24), std=0.06)
-    checkpoint = work / "x2.pth"
-    torch.save(train_model.state_dict(), checkpoint)
-    fp32 = export(load_checkpoint(checkpoint), work / "x2.onnx", ExportOptions(height=64, width=96)).onnx_path
-    calib = work / "calib"
-    calib.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        cv2.imwrite(str(calib / f"{i}.png"), cv2.GaussianBlur((rng.random((90, 120, 3)) * 255).astype(np.uint8), (5, 5), 2))
-    int8 = quantize(fp32, work / "x2.int8.onnx", calib).int8_path
-    return fp32, int8, train_model
-
-
-@pytest.fixture
-def hr_dir(tmp_path):
-    """Three small colour HR images (one larger than a tile of the 64x96 model at x2)."""
-    directory = tmp_path / "hr"
-    directory.mkdir()
-    rng = np.random.default_rng(1)
-    for name, (h, w) in {"a.png": (300, 420), "b.png": (96, 128), "c.png": (60, 90)}.items():
-        noise = cv2.GaussianBlur((rng.random((h, w, 3)) * 255).astype(np.uint8), (7, 7), 3)
-        cv2.imwrite(str(directory / name), noise)
-    return directory
 
 
 def test_receptive_field_of_the_x2_preset(x2_pair):

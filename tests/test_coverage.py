@@ -28,8 +28,7 @@ from dipnet_deploy.quantize import QuantizeOptions, model_to_quantize, quantize
 from dipnet_deploy.range_graphs import values_model
 from dipnet_deploy.stress_set import EVALUATION_HUES, EVALUATION_SEED, coverage_images, stress_image
 
-from .conftest import random_train_model
-from .test_safety import write_images
+from .conftest import random_train_model, write_images
 
 SIDE = 48
 

@@ -23,8 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.imageio import read_rgb8
 
-from .conftest import sigint_default
-from .test_safety import SIDE, models, refused, snapshot, work, write_images  # noqa: F401 (fixtures)
+from .conftest import SIDE, refused, sigint_default, snapshot, write_images
 
 # --------------------------------------------------------------------------- bad images among good ones
 

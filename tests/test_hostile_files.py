@@ -28,7 +28,7 @@ from dipnet_deploy.fileio import checkpoint_seal, json_bytes, make_folders, remo
 from dipnet_deploy.report import REPORT_FILES
 from dipnet_deploy.safety import written_by_us
 
-from .test_safety import compare_args, models, refused, snapshot, work, write_images  # noqa: F401 (fixtures)
+from .conftest import compare_args, refused, snapshot
 
 # --------------------------------------------------------------------------- ownership: seals, not names
 

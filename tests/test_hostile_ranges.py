@@ -22,8 +22,7 @@ from dipnet_deploy.qat import LEARNED_RANGES_KEY, attach_learned_ranges
 from dipnet_deploy.quantize import QuantizeOptions, quantize
 from dipnet_deploy.ranges_schema import MAX_RANGES_BYTES, check_ranges_document
 
-from .conftest import random_train_model
-from .test_safety import refused, snapshot, write_images
+from .conftest import random_train_model, refused, snapshot, write_images
 
 SIDE = 64
 WEIGHT, BIAS = "conv_1.weight", "block_1.esa.conv1.bias"  # x4-ntire: [44, 3, 3, 3] and [16]
