@@ -116,6 +116,8 @@ def _require(path: Path, state_dict: dict, key: str) -> torch.Tensor:
 def check_finite(path: Path, state_dict: dict[str, torch.Tensor]) -> None:
     """Refuse weights holding NaN or inf (they would only ever produce NaN images)."""
     for key, tensor in state_dict.items():
+        if tensor.is_meta or tensor.device.type != "cpu":  # no values to check (or none readable here)
+            raise InputError(path, f"{key} is a {tensor.device.type} tensor without values on the CPU")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise InputError(path, f"{key} holds NaN or inf values")
 

@@ -86,8 +86,9 @@ def user_errors(command):
 
 
 # signals that end a run with the clean-up of Ctrl-C: SIGTERM (schedulers, ``timeout``), SIGHUP (the terminal
-# closed), SIGQUIT (Ctrl-\, whose default would dump core and skip every clean-up)
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+# closed), SIGQUIT (Ctrl-\, whose default would dump core and skip every clean-up), and the others whose default
+# is to end the process: SIGUSR1, SIGUSR2, SIGALRM (SIGPROF and SIGVTALRM stay the profilers')
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 
 class Terminated(KeyboardInterrupt):

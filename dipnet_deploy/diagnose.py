@@ -54,17 +54,23 @@ class QdqPair:
 
 def activation_pairs(model: onnx.ModelProto) -> list[QdqPair]:
     """Every QuantizeLinear of a non-constant tensor with the DequantizeLinear nodes reading it, in graph order
-    (``model`` as ``qdq_graph.dequantize_early`` leaves it: each DQ reading its Q)."""
+    (``model`` as ``qdq_graph.dequantize_early`` leaves it: each DQ reading its Q). A Q whose output anything
+    else reads (a crafted model's Slice or Pad of integers) forms no pair: taking it out would leave that
+    reader on float values."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producers = {output: node.op_type for node in graph.node for output in node.output}
     readers: dict[str, list[str]] = {}
+    others = set()  # tensors read by anything but a DequantizeLinear: no pair to take out
     for node in graph.node:
-        if node.op_type == "DequantizeLinear":
-            readers.setdefault(node.input[0], []).append(node.output[0])
+        for name in node.input:
+            if node.op_type == "DequantizeLinear" and name == node.input[0]:
+                readers.setdefault(name, []).append(node.output[0])
+            else:
+                others.add(name)
     pairs = []
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
+        if node.op_type != "QuantizeLinear" or node.input[0] in initializers or node.output[0] in others:
             continue
         scale = numpy_helper.to_array(initializers[node.input[1]])
         zero_point = (numpy_helper.to_array(initializers[node.input[2]]) if len(node.input) > 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ def export(loaded: LoadedCheckpoint, output: str | Path, options: ExportOptions 
     onnx.checker.check_model(graph, full_check=True)
     onnx_bytes = graph.SerializeToString()
     ort_diff = ort_max_abs_diff(onnx_bytes, model, options.height, options.width, loaded.path)
+    if not math.isfinite(ort_diff):  # weights finite, yet a forward overflows float32 (e.g. 1e38 weights)
+        raise InputError(loaded.path, "its model's output is not finite (inf or NaN) on the check image: weights "
+                                      "this large overflow float32")
     if not ort_diff <= ORT_TOLERANCE:
         raise RuntimeError(f"onnxruntime output differs from PyTorch by {ort_diff:.3g} (> {ORT_TOLERANCE})")
     summary = onnx_summary(graph)

@@ -169,7 +169,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         with write_failures_named(path):
             yield temp
-            os.replace(temp, path)
+            try:
+                os.replace(temp, path)
+            except FileNotFoundError:  # the temporary went with it
+                raise WriteError(path, "cannot write: its folder was removed or renamed during the run") from None
     finally:
         temp.unlink(missing_ok=True)
         leftovers.forget(temp)

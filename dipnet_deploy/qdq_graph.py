@@ -282,9 +282,10 @@ def unpad(int8: onnx.ModelProto) -> int:
             g.reshaped |= {conv.output[0], part.output_q.output[0]}
             changed += 1
         pad = g.producers.get(part.input_dq.input[0])
-        if pad is not None and pad.op_type == "Pad" and len(g.readers(pad.output[0])) == 1:
-            kept_inputs = inputs - int(g.array(pad.input[1])[5]) if pad.input[1] in g.initializers else inputs
-            if kept_inputs < inputs and _zero(g, part, slice(kept_inputs, None), 1):
+        added = _padded_channels(g, pad) if pad is not None and len(g.readers(pad.output[0])) == 1 else 0
+        if added:
+            kept_inputs = inputs - added
+            if 0 < kept_inputs < inputs and _zero(g, part, slice(kept_inputs, None), 1):
                 part.input_dq.input[0] = pad.input[0]
                 g.removed.add(id(pad))
                 g.replace(part.weight, g.array(part.weight)[:, :kept_inputs])
@@ -302,14 +303,29 @@ def unpad(int8: onnx.ModelProto) -> int:
 
 
 def _sliced_channels(g: _Graph, quantized: str) -> int | None:
-    """Channels kept by a Slice of ``quantized`` that is its only reader and keeps channels [0, n): n, else None."""
+    """Channels kept by a Slice of ``quantized`` that is its only reader and keeps channels [0, n), n > 0, as
+    ``_pad_outputs`` writes it (starts, ends, axes initializers; no steps): n, else None."""
     readers = g.readers(quantized)
     if len(readers) != 1 or readers[0].op_type != "Slice" or len(readers[0].input) != 4:
         return None
     starts, ends, axes = (g.array(name) for name in readers[0].input[1:])
-    if starts is None or ends is None or axes is None or list(starts) != [0] or list(axes) != [1]:
+    if any(array is None or array.shape != (1,) for array in (starts, ends, axes)):
+        return None
+    if int(starts[0]) != 0 or int(axes[0]) != 1 or int(ends[0]) <= 0:
         return None
     return int(ends[0])
+
+
+def _padded_channels(g: _Graph, pad: onnx.NodeProto) -> int:
+    """Channels a Pad adds at the end of axis 1 and nothing else, as ``_pad_inputs`` writes it (constant mode,
+    zeros, the 8 pads as an initializer, no axes): their count, else 0."""
+    attributes = {a.name: helper.get_attribute_value(a) for a in pad.attribute}
+    if pad.op_type != "Pad" or len(pad.input) != 2 or attributes.get("mode", b"constant") not in (b"constant", "constant"):
+        return 0
+    pads = g.array(pad.input[1])
+    if pads is None or pads.shape != (8,) or pads[5] <= 0 or np.any(np.delete(pads, 5) != 0):
+        return 0
+    return int(pads[5])
 
 
 def _zero(g: _Graph, part: _QuantizedConv, channels: slice, axis: int) -> bool:

@@ -57,3 +57,27 @@ def test_mismatched_preset_names_key_and_both_shapes(tmp_path):
     torch.save(DIPNet(PRESETS["x2"]).state_dict(), path)
     with pytest.raises(InputError, match=r"conv_1.weight: checkpoint \[32, 3, 3, 3\], model \[44, 3, 3, 3\]"):
         load_checkpoint(path, preset="x4-ntire")
+
+
+def test_a_meta_tensor_is_refused_in_one_line(tmp_path):
+    """A tensor without values (device "meta") has nothing to fold or check: refused, not a traceback."""
+    state = random_train_model(PRESETS["x2"]).state_dict()
+    state["conv_1.weight"] = state["conv_1.weight"].to("meta")
+    path = tmp_path / "meta.pth"
+    torch.save(state, path)
+    with pytest.raises(InputError, match="conv_1.weight is a meta tensor"):
+        load_checkpoint(path)
+
+
+def test_weights_that_overflow_a_forward_are_refused_by_export(tmp_path):
+    """Finite weights of 1e38 give an infinite output: export says so about the checkpoint instead of failing
+    its check with 'differs by nan'."""
+    from dipnet_deploy.export import ExportOptions, export
+
+    state = random_train_model(PRESETS["x2"]).state_dict()
+    state["conv_1.weight"] = torch.full_like(state["conv_1.weight"], 1e38)
+    path = tmp_path / "huge.pth"
+    torch.save(state, path)
+    with pytest.raises(InputError, match="not finite"):
+        export(load_checkpoint(path), tmp_path / "m.onnx", ExportOptions(40, 40))
+    assert not (tmp_path / "m.onnx").exists()

@@ -128,3 +128,18 @@ def test_a_conv_whose_inputs_cannot_be_padded_is_left_whole(int8_model):
     assert {c["conv"]: c["padded"] for c in changes} == {"a": [16, 16], "b": [16, 8]}
     x = np.random.default_rng(3).random((1, 3, SIDE, SIDE), dtype=np.float32)
     assert np.array_equal(run(model, x), run(int8_model, x))
+
+
+def test_unpad_takes_out_only_the_exact_forms_it_wrote(int8_model):
+    """A crafted Pad that also shifts rows, or a Slice with steps, is not the padding: it stays, and diagnose
+    forms no Q/DQ pair around it (taking the pair out would feed it float values)."""
+    model = depth_to_space_on_uint8(copy_of(int8_model))
+    pad_for_fast_path(model)
+    inits = {init.name: init for init in model.graph.initializer}
+    pads = next(node for node in model.graph.node if node.op_type == "Pad").input[1]
+    inits[pads].CopyFrom(numpy_helper.from_array(np.asarray([0, 0, 2, 0, 0, 1, -2, 0], np.int64), pads))
+    dequantize_early(model)
+    assert [node.op_type for node in model.graph.node].count("Pad") == 1
+    assert "Slice" not in {node.op_type for node in model.graph.node}  # the exact Slices went
+    quantized_by_pad = {node.input[0] for node in model.graph.node if node.op_type == "Pad"}
+    assert not quantized_by_pad & {pair.quantized for pair in activation_pairs(model)}

@@ -241,3 +241,19 @@ def test_quantize_set_is_consistent(work, invoke):
     assert card["onnx_sha256"] == hashlib.sha256((work / "n.int8.onnx").read_bytes()).hexdigest()
     assert card["ranges_sha256"] == hashlib.sha256((work / "n.ranges.json").read_bytes()).hexdigest()
     assert not [p for p in work.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_folder_removed_during_the_run_is_one_write_error(tmp_path):
+    """The output folder deleted while the temporary was being written: one WriteError naming the output."""
+    from dipnet_deploy.errors import WriteError
+    from dipnet_deploy.fileio import atomic_path
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    with pytest.raises(WriteError, match="removed or renamed during the run"):
+        with atomic_path(folder / "a.png") as temp:
+            temp.write_bytes(b"x")
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+    assert not folder.exists()
