@@ -17,13 +17,11 @@ resizes, metrics and the report's figures work on bands and blocks (``matlab_res
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import multiprocessing
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from dipnet_deploy.imageio import (
 from dipnet_deploy.matlab_resize import BAND_BYTES, imresize
 from dipnet_deploy.metrics import METRIC_WORK_BYTES, max_abs_difference, psnr, ssim
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
+from dipnet_deploy.pool_signals import JOB_SIGNALS, end_with_parent, job_signals_blocked
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, reusing_output, time_interleaved
 from dipnet_deploy.sr_protocol import make_pair, score, unscorable
@@ -254,46 +253,6 @@ def score_file(scorer: Scorer, path: str) -> tuple[str, dict | None, str | None]
 
 
 _POOL_SCORER: Scorer | InputError | None = None  # a pool process's scorer: an initializer can only leave a global
-# what a terminal sends to every process of the job (Ctrl-C, Ctrl-\, hang-up): the parent handles them (cli.run)
-# and stops the pool with SIGTERM after its clean-up; the pool's processes never see them
-JOB_SIGNALS = {signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
-
-
-@contextlib.contextmanager
-def job_signals_blocked():
-    """``JOB_SIGNALS`` blocked in this thread inside the block, and so in every process started from it (a
-    blocked mask survives exec) and every thread it starts: the pool's workers, the threads that respawn them,
-    and multiprocessing's resource tracker (which ignores only SIGINT and SIGTERM; killed by SIGHUP, it
-    is relaunched with tracebacks). A signal that arrives meanwhile is handled when the block ends."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, JOB_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-PR_SET_PDEATHSIG = 1  # prctl's option (<linux/prctl.h>): the signal a process gets when its parent ends
-
-
-def end_with_parent() -> None:
-    """On Linux, have the kernel send this process SIGKILL when the parent that started it ends, however it ends:
-    a pool worker of a run killed with SIGKILL (no clean-up of the parent runs, the pool is never stopped) ends
-    at once and silently, rather than finishing its image and failing, with a BrokenPipeError traceback, to hand
-    the result to no one. Should the parent have ended already, this process ends now. Elsewhere nothing: a worker
-    then ends when it next reads from the parent's closed pipe."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        failed = libc.prctl(ctypes.c_int(PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
-                            ctypes.c_ulong(0), ctypes.c_ulong(0))
-    except (OSError, AttributeError):  # no C library to ask: as elsewhere
-        return
-    parent = multiprocessing.parent_process()
-    if not failed and parent is not None and os.getppid() != parent.pid:  # it ended before the prctl
-        os._exit(0)
-
-
 def _init_pool_worker(*args) -> None:
     """``make_scorer`` in a pool process (``JOB_SIGNALS`` reach it blocked: the parent handles them; it ends with
     the parent: ``end_with_parent``).
