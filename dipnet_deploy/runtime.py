@@ -118,14 +118,17 @@ def interruptible(forward: Callable[[], T], stop: Callable[[], None]) -> T:
         finally:
             done.set()
 
-    helper = threading.Thread(target=target, name="dipnet-forward", daemon=True)
-    helper.start()
+    # not a daemon: a forward still inside the runtime when Python finalizes aborts the process (its thread
+    # takes the GIL back through a C++ frame), and Python's exit waits for the threads that are not daemons.
+    # That covers a signal that comes while start() waits for the new thread, before it is known to run.
+    helper = threading.Thread(target=target, name="dipnet-forward")
     try:
+        helper.start()
         while not done.wait(WAIT_SLICE_S):
             pass
     except BaseException:
         stop()
-        while not done.is_set():  # a forward still inside the runtime when Python exits aborts the process
+        while helper.ident is not None and not done.is_set():
             with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: the stop takes one operation
                 done.wait()
         raise

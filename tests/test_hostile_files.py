@@ -388,6 +388,38 @@ def test_a_terminating_signal_during_a_long_forward_ends_the_run_at_once(signum,
     assert not out.exists()
 
 
+SIGNAL_IN_THREAD_START = """
+import sys, threading, time
+from pathlib import Path
+from dipnet_deploy.runtime import interruptible
+
+start = threading.Thread.start
+def start_then_signal(thread):  # the signal's exception, raised while start() waits for the new thread
+    start(thread)
+    raise KeyboardInterrupt
+threading.Thread.start = start_then_signal
+
+def forward():
+    time.sleep(0.5)  # stands for a runtime's forward: the thread is out of Python while it runs
+    Path(sys.argv[1]).write_text("the forward ended")
+try:
+    interruptible(forward, lambda: print("stopped", flush=True))
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+def test_a_signal_while_the_forward_thread_starts_still_stops_and_waits_for_it(tmp_path):
+    """CI caught a SIGTERM that came while Thread.start() waited for the forward's thread: the forward was
+    neither stopped nor waited for, and Python exited under it (the thread taking the GIL back through
+    onnxruntime's C++ frames aborted the process, exit -6, one run in 15)."""
+    mark = tmp_path / "ended"
+    done = subprocess.run([sys.executable, "-c", SIGNAL_IN_THREAD_START, str(mark)], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130 and done.stdout.split() == ["stopped"], done.stderr
+    assert mark.read_text() == "the forward ended"  # the process did not end while the forward ran
+
+
 @pytest.mark.parametrize("signum, to_job", [(signal.SIGHUP, False), (signal.SIGQUIT, True)],
                          ids=["SIGHUP to the parent", "SIGQUIT to the job"])
 def test_sighup_and_sigquit_stop_compare_and_its_workers_cleanly(signum, to_job, work, tmp_path):
