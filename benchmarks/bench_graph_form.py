@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -31,14 +30,7 @@ from dipnet_deploy.errors import InputError
 from dipnet_deploy.imageio import list_images, read_rgb8, vendor_preprocess
 from dipnet_deploy.qdq_graph import unpad
 from dipnet_deploy.quantize import default_calibration_dir
-from dipnet_deploy.runtime import import_openvino, open_session, time_interleaved
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+from dipnet_deploy.runtime import cpu_name, import_openvino, open_session, time_interleaved
 
 
 def profiled_session(model: onnx.ModelProto, threads: int, prefix: str) -> ort.InferenceSession:

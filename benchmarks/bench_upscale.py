@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -26,7 +28,7 @@ from dipnet_deploy.cli import progress_bar
 from dipnet_deploy.imageio import list_images, read_rgb8
 from dipnet_deploy.quantize import default_calibration_dir
 from dipnet_deploy.upscale import UpscaleOptions, upscale
-from dipnet_deploy.video import write_clip
+from dipnet_deploy.video import DEFAULT_CODEC, video_bytes, write_clip
 
 
 def clip_frames(count: int) -> list[np.ndarray]:
@@ -73,6 +75,9 @@ def video(fp32: Path, int8: Path, args) -> None:
     clip = work / "clip.mp4"
     write_clip(clip, clip_frames(args.frames), Fraction(24), audio_rate=48000)
     runs = [(runtime, int8) for runtime in args.runtimes] + [("onnxruntime", fp32)]
+    # a 1080p -> 2160p clip is over the default memory budget (the encoder's look-ahead of 4K frames): allow it
+    need = video_bytes(1920, 1080, "yuv420p", 2, DEFAULT_CODEC)
+    os.environ.setdefault("DIPNET_MAX_MEMORY_MB", str(math.ceil(need / 2**20)))
     for runtime, model in runs:
         result = upscale([clip], model, work / f"{runtime}-{model.stem}", UpscaleOptions(runtime=runtime),
                          warn=lambda m: None)

@@ -21,7 +21,7 @@ import torch
 from dipnet_deploy.archs.dipnet_arch import DIPNet
 from dipnet_deploy.archs.dipnet_train_arch import REP_CONVS, build_train_model, fold_state_dict, is_training_form
 from dipnet_deploy.checkpoint_archive import MAX_CHECKPOINT_BYTES, load_archive
-from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory
+from dipnet_deploy.config import PRESETS, DIPNetConfig, refuse_beyond_memory, refuse_too_wide
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import sha256_file
 
@@ -188,6 +188,8 @@ def resolve_config(state_dict: dict, path: Path, preset: str | None = None, **ov
         base = infer_config(state_dict, path)
     config = base.replace(**overrides)
     options = [f"--{key.replace('_', '-')}" for key, value in overrides.items() if value is not None]
+    refuse_too_wide(config, {key: f"--{key.replace('_', '-')}" if overrides.get(key) is not None else path
+                             for key in ("feature_channels", "mid_channels")})
     refuse_beyond_memory(config, "/".join(options) or path)  # before any model of this shape is built
     return config
 

@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import click
 
 from dipnet_deploy import __version__, leftovers
 from dipnet_deploy.artifacts import DEFAULT_FP32, DEFAULT_INT8, default_checkpoint, default_fp32_path, default_int8_path
-from dipnet_deploy.config import PRESETS
+from dipnet_deploy.config import MAX_CHANNELS, PRESETS
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import is_write_failure, json_text, removing_empty_folders
 from dipnet_deploy.observers import DEFAULT_CLIP
+from dipnet_deploy.precision import FALLBACKS
 from dipnet_deploy.runtime import RUNTIMES, model_named
 
 
@@ -80,9 +82,23 @@ def user_errors(command):
                 fail(f"{error.filename or 'a path'}: {error.strerror or os.strerror(error.errno)}")
             if not is_write_failure(error):
                 raise
-            fail(f"{error.filename or 'an output'}: cannot write ({error.strerror or os.strerror(error.errno)})")
+            where = error.filename or _stream_written(error) or "an output"
+            fail(f"{where}: cannot write ({error.strerror or os.strerror(error.errno)})")
 
     return wrapper
+
+
+STANDARD_STREAMS = {1: "standard output", 2: "standard error"}
+
+
+def _stream_written(error: OSError) -> str | None:
+    """The standard stream a failed ``click.echo`` wrote to (``info > /dev/full``), found in the traceback: the
+    error of a full or failing stream names no file. None when no echo to one of them failed."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code is click.utils.echo.__code__:
+            with contextlib.suppress(AttributeError, OSError, ValueError):  # a stream with no descriptor (tests')
+                return STANDARD_STREAMS.get(frame.f_locals["file"].fileno())
+    return None
 
 
 # signals that end a run with the clean-up of Ctrl-C: SIGTERM (schedulers, ``timeout``), SIGHUP (the terminal
@@ -100,20 +116,27 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+# the terminating signal this run received: a C extension that turns the handler's exception into a KeyboardInterrupt
+# of its own (Ray's wait: ``check_status``) loses the Terminated, not the signal
+_received: list[int] = []
+
+
 def _terminate(signum, frame) -> None:
     for each in TERMINATING_SIGNALS:  # a second signal must not cut the clean-up short
         signal.signal(each, signal.SIG_IGN)
+    _received.append(signum)
     raise Terminated(signum)
 
 
 def _stopped(abort: click.exceptions.Abort) -> None:
     """Say why the run stopped and exit: 130 for Ctrl-C, 128 + the signal's number for a terminating signal."""
     cause = abort.__cause__
-    if isinstance(cause, Terminated):
-        name = "" if cause.signum == signal.SIGTERM else f" ({signal.Signals(cause.signum).name})"
+    signum = cause.signum if isinstance(cause, Terminated) else (_received[0] if _received else None)
+    if signum is not None:
+        name = "" if signum == signal.SIGTERM else f" ({signal.Signals(signum).name})"
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             click.echo(f"dipnet-deploy: terminated{name}", err=True)
-        sys.exit(128 + cause.signum)
+        sys.exit(128 + signum)
     click.echo("dipnet-deploy: interrupted", err=True)
     sys.exit(130)
 
@@ -123,6 +146,7 @@ def run() -> None:
     143 (SIGHUP 129, SIGQUIT 131), after the same clean-up. What killed runs left (``leftovers``) is removed
     first; folders the run made for outputs and left empty (it failed, or was stopped) are removed last."""
     previous = {each: signal.signal(each, _terminate) for each in TERMINATING_SIGNALS}
+    _received.clear()
     try:
         leftovers.sweep()
         with removing_empty_folders():
@@ -131,6 +155,10 @@ def run() -> None:
         sys.exit(done.exit_code)
     except click.ClickException as error:
         fail(error.format_message().replace("\n", " "))
+    except OSError as error:  # --help or --version into a full device: no command's user_errors around it
+        if not is_write_failure(error) or _stream_written(error) is None:
+            raise
+        fail(f"{_stream_written(error)}: cannot write ({error.strerror or os.strerror(error.errno)})")
     except click.exceptions.Abort as abort:  # click's form of KeyboardInterrupt; outputs are atomic, none is partial
         _stopped(abort)
     finally:
@@ -158,21 +186,24 @@ def warn(message: str) -> None:
     tqdm.write(one_line(message), file=sys.stderr)
 
 
-def _positive(unit: str, below: Callable[[], float] = lambda: math.inf):
-    """Click callback: a positive finite number under ``below()`` (``float`` lets NaN and inf through), refused in
-    one line under the name the user set: the option, or the environment variable."""
+def _positive(unit: str, below: Callable[[], float] = lambda: math.inf, least: float = 0.0):
+    """Click callback: a positive plain decimal number (``PLAIN_NUMBER``) under ``below()`` and at least ``least``
+    (a smaller budget only refuses every input, in words that round it to 0), refused in one line under the name
+    the user set: the option, or the environment variable."""
 
     def callback(context, parameter, text: str | None) -> float | None:
         if text is None:
             return None
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and 0 < value < below()):
-            source = context.get_parameter_source(parameter.name)
-            name = parameter.envvar if source == click.core.ParameterSource.ENVIRONMENT else parameter.opts[0]
-            raise click.UsageError(f"{name}: {text!r} is not a positive number of {unit}")
+        from dipnet_deploy.memory_budget import PLAIN_NUMBER
+
+        value = float(text) if PLAIN_NUMBER.fullmatch(text) else math.nan
+        source = context.get_parameter_source(parameter.name)
+        name = parameter.envvar if source == click.core.ParameterSource.ENVIRONMENT else parameter.opts[0]
+        if not (0 < value < below()):
+            raise click.UsageError(f"{name}: {text!r} is not a positive number of {unit} (digits 0-9 and at most "
+                                   "one decimal point)")
+        if value < least:
+            raise click.UsageError(f"{name}: {text!r} is below the least accepted, {least:g} {unit}")
         return value
 
     return callback
@@ -189,10 +220,12 @@ def _memory_limit() -> float:
 @click.option("--max-megapixels", envvar="DIPNET_MAX_MEGAPIXELS", callback=_positive("megapixels"),
               help="Largest image decoded, in megapixels (default 100; env DIPNET_MAX_MEGAPIXELS). Larger ones "
                    "are skipped with a warning in a folder, refused when given alone.")
-@click.option("--max-memory-mb", envvar="DIPNET_MAX_MEMORY_MB", callback=_positive("MiB", _memory_limit),
-              help="Memory one image may take in upscale and compare, in MiB (default 700; env DIPNET_MAX_MEMORY_MB), "
-                   "estimated from its header before it is decoded (the model's own memory not counted). Larger ones "
-                   "are skipped with a warning in a folder, refused when given alone.")
+@click.option("--max-memory-mb", envvar="DIPNET_MAX_MEMORY_MB", callback=_positive("MiB", _memory_limit, least=1),
+              help="Memory one input may take in upscale (a video: its frames and the encoder's look-ahead), compare "
+                   "(shared by its --workers), quantize's calibration and train/finetune (a validation image, or a "
+                   "finetune training image, run whole through the model), in MiB (default 700; env "
+                   "DIPNET_MAX_MEMORY_MB), estimated from its header before it is decoded (the model's own memory not "
+                   "counted). Larger ones are skipped with a warning in a folder, refused when given alone.")
 def main(max_megapixels: float | None, max_memory_mb: float | None) -> None:
     """Fold, export, int8-quantize and evaluate DIPNet super-resolution models.
 
@@ -218,8 +251,8 @@ def _checkpoint_or_default(checkpoint: Path | None) -> Path:
                    "deploy or training form. Default: the packaged x2 weights.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)),
               help="Model variant. Default: inferred from the checkpoint's keys and shapes.")
-@click.option("--feature-channels", type=click.IntRange(1), help="Override the trunk width.")
-@click.option("--mid-channels", type=click.IntRange(1), help="Override the RRFB inner width.")
+@click.option("--feature-channels", type=click.IntRange(1, MAX_CHANNELS), help="Override the trunk width.")
+@click.option("--mid-channels", type=click.IntRange(1, MAX_CHANNELS), help="Override the RRFB inner width.")
 @click.option("--upscale", type=click.IntRange(1), help="Override the scale factor.")
 @click.option("--esa/--no-esa", default=None, help="Override whether blocks end with ESA attention.")
 @click.option("--height", type=click.IntRange(1), default=1080, show_default=True,
@@ -426,7 +459,8 @@ runtime_option = click.option("--runtime", type=click.Choice(RUNTIMES), default=
 
 
 PROGRESS_UNITS = {"calibrate": "img", "compare": "img", "diagnose": "tensor", "auto": "step", "upscale": "frame",
-                  "latency": "round", "throughput": "model", "load": "session"}
+                  "latency": "round", "throughput": "model", "load": "session",
+                  "budget:": "model", "validation": "img"}
 
 
 def progress_bar(iterable, description: str, total: int | None = None):
@@ -444,9 +478,9 @@ def progress_bar(iterable, description: str, total: int | None = None):
 @click.option("--calib", type=click.Path(path_type=Path),
               help="Calibration images (png, jpg, bmp, tif, webp; recursive, sorted by path). "
                    "Default: the project's calibration/ set, unless --ranges reuses saved ranges.")
-@click.option("--method", type=QUANTIZE_METHODS, default="max",
-              show_default=True,
-              help="max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
+@click.option("--method", type=QUANTIZE_METHODS,
+              help="Default: max; with --max-drop, learned when the ONNX carries learned ranges, else auto. "
+                   "max: observed min/max (the seed's); percentile: clip tails; entropy: KL threshold "
                    "(TensorRT-style); mse: range minimizing uint8 quantization MSE; auto: max + equalization, "
                    "the output conv on the exact 1/255 grid, every other range and the int8 weights refined for "
                    "the model's output through a fake-quantized twin (minutes; DIPNet ONNX from `export`; the "
@@ -478,11 +512,22 @@ def progress_bar(iterable, description: str, total: int | None = None):
               help="Generated stress images (saturated flat colours, line art, text, gradients, flat UI) calibrated "
                    "beside yours, so that no range is narrower than what such images produce. Wider ranges cost "
                    "photos resolution (BENCHMARKS.md: 'int8 on every image'); 0: your images alone.")
+@click.option("--max-drop", type=float, metavar="DB",
+              help="Quality budget: the largest mean PSNR-Y drop (dB, against the fp32 model, sr protocol) on --val. "
+                   "When the pure int8 model loses more, activation tensors leave int8 one at a time, ranked by the "
+                   "drop each regains per latency it costs (both measured), until the drop is within it (the fp32 "
+                   "model at the end). The path is recorded in the ranges file and the card. Minutes.")
+@click.option("--val", "val_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="HR validation images for --max-drop: yours, never the calibration images.")
+@click.option("--fallback", type=click.Choice(FALLBACKS), default="float", show_default=True,
+              help="What a tensor out of int8 becomes under --max-drop: float (its Q/DQ removed) or uint16 (16-bit "
+                   "Q/DQ, opset 21: what 16-bit accelerators take; CPU runtimes run the convs around it in float).")
+@runtime_option
 @max_clip_option
 @json_option
 @user_errors
 def quantize(model, calib, method, percentile, output, ranges, limit, per_channel, symmetric_activations, equalize,
-             auto_steps, coverage, max_clip, as_json):
+             auto_steps, coverage, max_drop, val_dir, fallback, runtime, max_clip, as_json):
     """Calibrate activation ranges in bounded memory and write an int8 QDQ ONNX.
 
     Each image is preprocessed as the seed does (bilinear resize to the model input, RGB,
@@ -492,10 +537,15 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
     quantizer writes the model from these ranges; the ranges JSON and a model card are
     written beside it.
     """
+    from dipnet_deploy.budget import BudgetOptions
     from dipnet_deploy.ptq import AutoOptions
-    from dipnet_deploy.quantize import QuantizeOptions, default_calibration_dir
+    from dipnet_deploy.quantize import QuantizeOptions, best_method, default_calibration_dir
     from dipnet_deploy.quantize import quantize as run_quantize
 
+    if (max_drop is None) != (val_dir is None):
+        raise click.UsageError("--max-drop and --val go together")
+    budget = BudgetOptions(max_drop, val_dir, fallback, runtime) if max_drop is not None else None
+    method = method or best_method(model, budget)
     if calib is None and ranges is None and method != "learned":
         calib = default_calibration_dir()
     if equalize is None:
@@ -508,13 +558,20 @@ def quantize(model, calib, method, percentile, output, ranges, limit, per_channe
         raise InputError("--auto-steps", "applies to --method auto with --calib only (reused --ranges keep "
                                          "the steps they were refined with)")
     options = QuantizeOptions(method, percentile, per_channel, symmetric_activations, limit, equalize,
-                              AutoOptions(iters=auto_steps, clip=max_clip), coverage)
+                              AutoOptions(iters=auto_steps, clip=max_clip), coverage, budget)
     with model_named(model):  # no memory for a calibration session or forward: named as the model given
         result = run_quantize(model, output, calib, ranges, options, progress=progress_bar, warn=warn)
     summary = result.summary
     click.echo(f"wrote {result.int8_path} ({summary['int8_convs']}/{summary['convs']} convs with int8 weights; "
                f"{summary['images_used']} images + {summary['coverage_images']} coverage, method {summary['method']}, "
                f"peak RSS {summary['peak_rss_mb']} MB, {summary['seconds']} s)")
+    if "budget" in summary:
+        budget = summary["budget"]
+        click.echo(f"budget {budget['max_drop_db']} dB: {budget['tensors_out_of_int8']} tensors out of int8"
+                   f"{' and the weights (the fp32 model)' if budget['fp32'] else ''}; val drop {budget['val_drop_db']} "
+                   f"dB (worst image {budget['val_worst_drop_db']}); per 1080p frame {budget['latency_1080p_s']} s "
+                   f"(int8 {budget['int8_latency_1080p_s']}, fp32 {budget['fp32_latency_1080p_s']}, this CPU; the CPU "
+                   f"runtimes run tensors out of int8, 16-bit ones too, in float: not an accelerator's latency)")
     click.echo(f"wrote {result.ranges_path}")
     click.echo(f"wrote {result.card_path}")
     if as_json:
@@ -561,7 +618,8 @@ def ray_options(command):
                    "seed: the vendor's (bilinear resize to the model input, RGB, no crop).")
 @click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Parallel processes, each with its own onnxruntime sessions and cores / N threads.")
+              help="Parallel processes, each with its own onnxruntime sessions, cores / N threads and 1/N of the memory "
+                   "budget (--max-memory-mb) for its images.")
 @click.option("--repeats", type=click.IntRange(1, 10_000), default=5, show_default=True,
               help="Timed forwards per model for the latency (median).")
 @runtime_option

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +105,7 @@ def connect(options: RayOptions) -> None:
     if address:
         refuse_unreachable(address, where)
     try:
-        with silenced_stderr():
+        with silenced_stderr(), driver_signals_kept():
             if address:
                 ray.init(address=address, **quiet)
             else:
@@ -113,6 +115,31 @@ def connect(options: RayOptions) -> None:
         hint = ("" if os.environ.get("RAY_AUTH_MODE") else "; a cluster with token authentication (the default of "
                 "`ray start` since Ray 2.59) also needs RAY_AUTH_MODE=token here and its token")
         raise InputError(where, f"cannot join the Ray cluster at {address} ({error}{hint})".replace("\n", " ")) from None
+
+
+@contextlib.contextmanager
+def driver_signals_kept() -> Iterator[None]:
+    """The driver's signal handlers put back after the block (``ray.init``): Ray replaces the SIGTERM handler with
+    one that calls ``sys.exit(15)`` (no clean-up, exit 15), and its C++ core adds a crash reporter that prints a
+    stack in several lines for SIGTERM. A SIGTERM that Ray's handler turned into SystemExit meanwhile goes to the
+    driver's handler (``cli.run``'s: the clean-up of Ctrl-C). A handler set to ignore a signal meanwhile (the
+    driver's, while it cleans up) stays."""
+    if threading.current_thread() is not threading.main_thread():  # no handler can be set elsewhere
+        yield
+        return
+    saved = {each: signal.getsignal(each) for each in signal.valid_signals()}
+    kept = {each: handler for each, handler in saved.items() if callable(handler) or each == signal.SIGTERM}
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code != signal.SIGTERM or not callable(kept[signal.SIGTERM]):
+            raise
+        kept[signal.SIGTERM](signal.SIGTERM, None)
+        raise
+    finally:
+        for each, handler in kept.items():
+            if handler is not None and signal.getsignal(each) is not signal.SIG_IGN:
+                signal.signal(each, handler)
 
 
 @contextlib.contextmanager

@@ -11,14 +11,13 @@ Protocols:
 Memory: an HR image is held as uint8 with its LR and one uint8 output per model and bicubic; the
 resizes, metrics and the report's figures work on bands and blocks (``matlab_resize``, ``metrics``,
 ``error_maps``). An image whose header says it would take more than ``DIPNET_MAX_MEMORY_MB``
-(``compare_bytes``) is skipped before decoding.
+(``compare_bytes``; with ``workers`` processes, 1/workers of it each) is skipped before decoding.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import multiprocessing
 import os
 import signal
@@ -30,6 +29,7 @@ import cv2
 import numpy as np
 
 from dipnet_deploy.artifacts import default_int8_path
+from dipnet_deploy.budget_report import budget_entry
 from dipnet_deploy.cluster import RayOptions, import_ray
 from dipnet_deploy.error_maps import figure_bytes
 from dipnet_deploy.errors import InputError, RunEndingError
@@ -44,11 +44,13 @@ from dipnet_deploy.imageio import (
     vendor_preprocess,
 )
 from dipnet_deploy.matlab_resize import BAND_BYTES, imresize
+from dipnet_deploy.memory_budget import share_budget
 from dipnet_deploy.metrics import METRIC_WORK_BYTES, max_abs_difference, psnr, ssim
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.pool_signals import JOB_SIGNALS, end_with_parent, job_signals_blocked
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.runtime import FULL_HD_PIXELS, check_parallelism, check_runtime, reusing_output, time_interleaved
+from dipnet_deploy.safety import our_json
 from dipnet_deploy.sr_protocol import make_pair, score, unscorable
 from dipnet_deploy.tiling import TiledRunner
 
@@ -83,6 +85,7 @@ class ModelInfo:
     scale: int
     sha256: str
     quantized: bool = False  # holds integer ops (info.is_quantized)
+    budgeted: bool = False  # written by `quantize --max-drop` (its card says so): may hold no integer op at all
 
 
 @dataclass
@@ -105,19 +108,28 @@ def inspect_model(path: Path, role: str) -> ModelInfo:
     """A fixed-shape SR model given as ``role`` ("fp32" or "int8"), or a refusal."""
     model = load_onnx(path)
     shape, scale = sr_model_shape(model, path, f"--{role}")
-    return ModelInfo(path, shape, scale, sha256_file(path), is_quantized(model))
+    return ModelInfo(path, shape, scale, sha256_file(path), is_quantized(model), _budgeted(path))
+
+
+def _budgeted(path: Path) -> bool:
+    """Whether our card beside ``path`` records a quality budget's search (``budget_report.budget_entry``)."""
+    card = our_json(path.with_suffix(".json"))
+    return card is not None and budget_entry(card) is not None
 
 
 def int8_origin(int8: ModelInfo, fp32: ModelInfo) -> dict | None:
-    """What ``quantize`` recorded in the int8 model's card: its method, and whether it was made from
-    this fp32 model or from other (fine-tuned) weights. None without a readable card."""
+    """What ``quantize`` recorded in the int8 model's card: its method, whether it was made from this fp32
+    model or from other (fine-tuned) weights, and a budget's tensors out of int8 (``mixed_precision``). None
+    without a readable card."""
+    card = our_json(int8.path.with_suffix(".json"))  # sealed by us, bounded: never a forged or huge file
     try:
-        card = json.loads(int8.path.with_suffix(".json").read_text())
         method, source_sha256 = str(card["method"]), str(card["fp32_sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
+    budget = budget_entry(card)
     return {"method": method, "fp32_onnx": str(card.get("fp32_onnx")),
-            "from_this_fp32": source_sha256 == fp32.sha256, "finetuned": method == "learned"}
+            "from_this_fp32": source_sha256 == fp32.sha256, "finetuned": method == "learned",
+            **({"mixed_precision": budget} if budget else {})}
 
 
 def check_pair(fp32: ModelInfo, int8: ModelInfo | None) -> None:
@@ -131,7 +143,7 @@ def check_pair(fp32: ModelInfo, int8: ModelInfo | None) -> None:
     if fp32.quantized:
         raise InputError(fp32.path, "--fp32: is quantized (it has QuantizeLinear/DequantizeLinear or QLinear* nodes); "
                                     "give the fp32 model here")
-    if int8 is not None and not int8.quantized:
+    if int8 is not None and not int8.quantized and not int8.budgeted:  # a budget may take every tensor out of int8
         raise InputError(int8.path, "--int8: is not quantized (no QuantizeLinear/DequantizeLinear or QLinear* nodes); "
                                     "give the int8 model here")
 
@@ -253,19 +265,22 @@ def score_file(scorer: Scorer, path: str) -> tuple[str, dict | None, str | None]
 
 
 _POOL_SCORER: Scorer | InputError | None = None  # a pool process's scorer: an initializer can only leave a global
-def _init_pool_worker(*args) -> None:
-    """``make_scorer`` in a pool process (``JOB_SIGNALS`` reach it blocked: the parent handles them; it ends with
-    the parent: ``end_with_parent``).
+def _init_pool_worker(model_paths: dict[str, str], threads: int, protocol: str, scale: int, runtime: str,
+                      workers: int = 1) -> None:
+    """``make_scorer`` in a pool process of ``workers`` (``JOB_SIGNALS`` reach it blocked: the parent handles them;
+    it ends with the parent: ``end_with_parent``). The workers share the memory budget: each refuses an image
+    over its 1/``workers`` share (``memory_budget.share_budget``).
 
     A failure is kept for ``_pool_score`` to raise: an initializer that raises makes the pool respawn
     workers forever, and the run would hang.
     """
     global _POOL_SCORER
+    share_budget(workers)
     end_with_parent()
     for number in JOB_SIGNALS:  # ignored, not only blocked: a worker's runtime threads may unblock them (measured)
         signal.signal(number, signal.SIG_IGN)
     try:
-        _POOL_SCORER = make_scorer(*args)
+        _POOL_SCORER = make_scorer(model_paths, threads, protocol, scale, runtime)
     except InputError as error:
         _POOL_SCORER = error
 
@@ -351,17 +366,17 @@ def compare(fp32_path: Path, int8_path: Path | None, data_dir: Path, options: Co
     comparison.receptive_field = {"radius": field_.radius, "local": field_.local,
                                   "halo": next(iter(runners.values())).halo}
     comparison.latency = measure_latency(runners, options.latency_repeats)
-    comparison.mean = means(comparison.rows)
-    comparison.worst = worst_image(comparison)
-    # rows keep only numbers: its pictures again, for the report
-    worst_hr, _ = read_rgb8(comparison.worst["image"], memory_check(runners, options.protocol, fp32.scale))
-    comparison.worst_images = evaluate_image(worst_hr, runners, options.protocol, fp32.scale)["images"]
-    if options.diagnose:
+    comparison.mean, comparison.worst = means(comparison.rows), worst_image(comparison)
+    check = memory_check(runners, options.protocol, fp32.scale)
+    if options.diagnose:  # before the worst image's pictures are made: never both in memory
         from dipnet_deploy.diagnose import diagnose
 
         evaluate = functools.partial(evaluate_image, protocol=options.protocol, scale=fp32.scale)
         comparison.diagnosis = diagnose(int8.path, comparison.rows, options.protocol, fp32.scale,
-                                        evaluate, options.runtime, progress)
+                                        evaluate, options.runtime, progress, check)
+    # rows keep only numbers: its pictures again, for the report
+    worst_hr, _ = read_rgb8(comparison.worst["image"], check)
+    comparison.worst_images = evaluate_image(worst_hr, runners, options.protocol, fp32.scale)["images"]
     return comparison
 
 
@@ -389,7 +404,7 @@ def _scorings(files: list[Path], scorer_args: tuple, options: CompareOptions,
         return (score_file(scorer, path) for path in paths), execution, scorer
     with job_signals_blocked():
         pool = multiprocessing.get_context("spawn").Pool(workers, _init_pool_worker, (model_paths, threads, protocol,
-                                                                                      scale, runtime))
+                                                                                      scale, runtime, workers))
     # every result is in when the stack closes, unless an error or Ctrl-C stops the run: then stop at once
     stack.callback(pool.join)
     stack.callback(pool.terminate)

@@ -64,6 +64,21 @@ class DIPNetConfig:
         return cls(**fields)
 
 
+# the widest trunk (feature) or block (mid) width accepted, from an option or a checkpoint: 8 times the widest
+# published DIPNet (64). The export's peak grows with the square of the width (its weights are copied by the ONNX
+# export, onnxsim and onnxruntime in turn), whatever the input size, so this bound also bounds that share.
+MAX_CHANNELS = 512
+
+
+def refuse_too_wide(config: DIPNetConfig, where: dict[str, str | Path]) -> None:
+    """Refuse a ``feature_channels`` or ``mid_channels`` over ``MAX_CHANNELS``, naming ``where[field]``."""
+    for field in ("feature_channels", "mid_channels"):
+        width = getattr(config, field)
+        if width > MAX_CHANNELS:
+            raise InputError(where[field], f"{width} {field.replace('_', ' ')}: at most {MAX_CHANNELS} are accepted "
+                                           "(DIPNets are 32 to 64 wide)")
+
+
 def refuse_beyond_memory(config: DIPNetConfig, where: str | Path, height: int = 0, width: int = 0, images: int = 0,
                          training: bool = False) -> None:
     """Refuse a model or input size whose ``approximate_bytes`` exceed this machine's physical memory."""

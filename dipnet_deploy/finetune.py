@@ -50,6 +50,7 @@ from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign, sa
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, to_input
 from dipnet_deploy.stress_set import coverage_images
 from dipnet_deploy.train import ESA_MIN_SIZE, LOSSES, LoopOptions, PairedPatches, fit, load_val_pairs, make_run
+from dipnet_deploy.training_memory import TrainingMemory
 
 TARGETS = ("gt", "teacher", "mix")
 TRAINING_DEVICES = ("cpu", "cuda", "mps", "xpu")
@@ -213,8 +214,9 @@ def finetune(checkpoint: Path, data: Path, out: Path, options: FinetuneOptions =
     saved = load_file(options.resume) if options.resume else None
     if saved is not None and "quantization" not in saved:
         raise InputError(options.resume, "not a finetune checkpoint (no learned ranges)")
-    patches = PairedPatches(data, config.upscale, patch, warn)
-    val_pairs = load_val_pairs(options.val, config.upscale, warn)
+    memory = TrainingMemory(config, finetune=True)  # its training images also run whole through the model
+    patches = PairedPatches(data, config.upscale, patch, warn, memory)
+    val_pairs = load_val_pairs(options.val, config.upscale, warn, memory)
 
     torch.manual_seed(options.seed)
     teacher = loaded.model.eval().to(options.device)

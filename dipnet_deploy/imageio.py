@@ -7,11 +7,12 @@ Size limits: an image is decoded only when its header (read lazily by Pillow) is
 ``IMAGE_FORMATS`` and declares at most ``max_pixels()`` pixels (``DIPNET_MAX_MEGAPIXELS`` million,
 default 100) and its file is no larger than such an image can be (``MAX_BYTES_PER_PIXEL`` per
 allowed pixel plus ``HEADER_BYTES``); so a decompression bomb or a huge file named .png costs a
-header read, not gigabytes. A command that knows what an image will cost it (``upscale``, ``compare``)
-also passes ``read_rgb8`` a ``check`` that estimates the memory from the header (``ImageHeader``:
-size, format, channels and bit depth as decoded, file size; ``decode_bytes`` for the decoding itself)
-and refuses the image, before decoding, when the estimate is over ``max_memory_bytes()``
-(``DIPNET_MAX_MEMORY_MB``, default ``DEFAULT_MAX_MEMORY_MB``): ``check_memory``.
+header read, not gigabytes. Then the memory it will take is estimated from the header (``ImageHeader``:
+size, format, channels and bit depth as decoded, file size, a JPEG's coefficient buffer; ``decode_bytes``
+for the decoding itself) and the image is refused, before decoding, when the estimate is over the budget
+(``memory_budget``: ``DIPNET_MAX_MEMORY_MB``): ``check_memory``. A command that knows what an image will
+cost it beyond decoding (``upscale``, ``compare``, ``train``) passes ``read_rgb8`` a ``check`` of its own;
+without one, decoding it is what is checked.
 
 PNG output is written band by band (``PngWriter``), so an upscaled image is never whole in memory.
 """
@@ -19,7 +20,6 @@ PNG output is written band by band (``PngWriter``), so an upscaled image is neve
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import struct
 import warnings
@@ -34,6 +34,16 @@ import numpy as np
 from PIL import Image
 
 from dipnet_deploy.errors import InputError
+from dipnet_deploy.jpeg_scans import coefficient_bytes
+from dipnet_deploy.memory_budget import (  # noqa: F401  (the budget's names, long read from here)
+    DEFAULT_MAX_MEMORY_MB,
+    MAX_MEMORY_MB_LIMIT,
+    MAX_MEMORY_VARIABLE,
+    MIB,
+    max_memory_bytes,
+    positive_setting,
+    refuse_over_budget,
+)
 from dipnet_deploy.safety import holds_our_report
 
 # OpenCV prints decoder complaints (several lines each) itself; our own one-line warnings say what matters
@@ -45,14 +55,6 @@ MAX_MEGAPIXELS_VARIABLE = "DIPNET_MAX_MEGAPIXELS"
 DEFAULT_MAX_MEGAPIXELS = 100.0
 MAX_BYTES_PER_PIXEL = 8  # 16-bit RGBA stored raw: the largest pixel we decode
 HEADER_BYTES = 16 << 20  # room for metadata, colour profiles and thumbnails
-MAX_MEMORY_VARIABLE = "DIPNET_MAX_MEMORY_MB"
-# What one image may cost a command, estimated from its header before decoding: decoding it, its pixels, the
-# outputs and working buffers that grow with it. What the model fixes whatever the image (the interpreter and
-# libraries, the runtime's session, a tile's buffers) comes on top: about 680 MiB for upscale or compare with a
-# one-Conv 1080p x2 model, whose largest run this default accepts (a 2200x36000 image) peaked at 1.38 GB.
-DEFAULT_MAX_MEMORY_MB = 700.0
-MAX_MEMORY_MB_LIMIT = 2.0**43  # a budget is below this many MiB (8 EiB: beyond any machine; keeps the bytes an int64)
-MIB = 1 << 20
 
 
 @contextlib.contextmanager
@@ -69,34 +71,15 @@ def _pillow_size_check_off() -> Iterator[None]:
 
 def max_pixels() -> int:
     """The decoded-size limit in pixels: ``DIPNET_MAX_MEGAPIXELS`` million (default 100)."""
-    text = os.environ.get(MAX_MEGAPIXELS_VARIABLE, "")
-    try:
-        megapixels = float(text) if text else DEFAULT_MAX_MEGAPIXELS
-    except ValueError:
-        megapixels = math.nan
-    if not (math.isfinite(megapixels) and megapixels > 0):
-        raise InputError(MAX_MEGAPIXELS_VARIABLE, f"{text!r} is not a positive number of megapixels")
-    return int(megapixels * 1e6)
-
-
-def max_memory_bytes() -> int:
-    """The memory one image may cost a command, in bytes: ``DIPNET_MAX_MEMORY_MB`` MiB (default
-    ``DEFAULT_MAX_MEMORY_MB``)."""
-    text = os.environ.get(MAX_MEMORY_VARIABLE, "")
-    try:
-        megabytes = float(text) if text else DEFAULT_MAX_MEMORY_MB
-    except ValueError:
-        megabytes = math.nan
-    if not (math.isfinite(megabytes) and 0 < megabytes < MAX_MEMORY_MB_LIMIT):
-        raise InputError(MAX_MEMORY_VARIABLE, f"{text!r} is not a positive number of MiB")
-    return int(megabytes * MIB)
+    return int(positive_setting(MAX_MEGAPIXELS_VARIABLE, DEFAULT_MAX_MEGAPIXELS, "megapixels") * 1e6)
 
 
 @dataclass(frozen=True)
 class ImageHeader:
     """What an image file's header says, before any pixel is decoded: its size, its format (Pillow's name),
     the channels and bytes per sample OpenCV's ``IMREAD_UNCHANGED`` decode will give (an upper bound where
-    the header leaves it open), and the file's size in bytes."""
+    the header leaves it open), the file's size in bytes, and the whole-image coefficient buffer libjpeg
+    decodes a multi-scan (progressive) JPEG through (``jpeg_scans``; 0 for anything else)."""
 
     path: Path
     width: int
@@ -105,6 +88,7 @@ class ImageHeader:
     channels: int
     sample_bytes: int
     file_bytes: int
+    coefficient_bytes: int = 0
 
     @property
     def pixels(self) -> int:
@@ -170,7 +154,8 @@ def read_header(path: Path) -> ImageHeader:
     if kind not in IMAGE_FORMATS:  # for these, OpenCV picks its decoder by the same signature: the size above holds
         raise InputError(path, f"not a readable image (a {kind} file; the formats read are "
                                f"{', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})")
-    return ImageHeader(path, width, height, kind, channels, sample_bytes, size)
+    coefficients = coefficient_bytes(path) if kind in ("JPEG", "MPO") else 0  # MPO: a JPEG first
+    return ImageHeader(path, width, height, kind, channels, sample_bytes, size, coefficients)
 
 
 def check_image_size(path: Path) -> ImageHeader:
@@ -184,10 +169,11 @@ def check_image_size(path: Path) -> ImageHeader:
 def decode_bytes(header: ImageHeader) -> int:
     """Peak bytes ``read_rgb8`` takes for the image of ``header``: the file's bytes with the decoded image twice
     (OpenCV's ``imdecode`` decodes into a buffer of its own and copies it out: measured for every format
-    read), then the decoded image with its 8-bit RGB conversion (none for 8-bit 3-channel: in place)."""
+    read), then the decoded image with its 8-bit RGB conversion (none for 8-bit 3-channel: in place). A
+    multi-scan JPEG's coefficient buffer is freed before the copy, but is there beside the decoded image."""
     decoded = header.pixels * header.channels * header.sample_bytes
     eight_bit = header.pixels * header.channels
-    steps = [header.file_bytes + 2 * decoded]
+    steps = [header.file_bytes + 2 * decoded, header.file_bytes + header.coefficient_bytes + decoded]
     if header.sample_bytes > 1:
         steps.append(decoded + eight_bit)
     if header.channels != 3 or header.sample_bytes > 1:
@@ -197,12 +183,14 @@ def decode_bytes(header: ImageHeader) -> int:
 
 def check_memory(header: ImageHeader, need: int, what: str) -> None:
     """Refuse the image of ``header`` when ``need`` bytes (the estimate of what ``what``, e.g. "upscale it x2",
-    takes) are over ``max_memory_bytes()``: one line with the pixels, the estimate and the variable to raise."""
-    budget = max_memory_bytes()
-    if need > budget:
-        raise InputError(header.path, f"{header.describe()} would take about {need / MIB:,.0f} MiB of memory to "
-                                      f"{what}, over the {budget / MIB:,.0f} MiB budget (set {MAX_MEMORY_VARIABLE} "
-                                      f"to {math.ceil(need / MIB)} or more to allow it)")
+    takes) are over the memory budget (``memory_budget.refuse_over_budget``): one line with the pixels, the
+    estimate and the variable to raise."""
+    refuse_over_budget(header.path, header.describe(), need, what)
+
+
+def decode_check(header: ImageHeader) -> None:
+    """``read_rgb8``'s check when its caller gives none: refuse an image whose decoding is over the budget."""
+    check_memory(header, decode_bytes(header), "decode it")
 
 
 def check_pixel_count(path: Path, width: int, height: int) -> None:
@@ -216,16 +204,16 @@ def check_pixel_count(path: Path, width: int, height: int) -> None:
 def read_rgb8(path: str | Path, check: Callable[[ImageHeader], None] | None = None) -> tuple[np.ndarray, list[str]]:
     """Read ``path`` as HxWx3 uint8 RGB; return it with notes on any conversion made.
 
-    ``check`` sees the header before any pixel is decoded and may refuse the image (``check_memory``).
-    Raises InputError when the file is missing, unreadable, over the size limits or not an image.
+    ``check`` sees the header before any pixel is decoded and may refuse the image (``check_memory``); without
+    one, ``decode_check`` does. Raises InputError when the file is missing, unreadable, over the size limits
+    or the memory budget, or not an image.
     """
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
     try:
         header = check_image_size(path)
-        if check is not None:
-            check(header)
+        (check or decode_check)(header)
         data = np.fromfile(str(path), dtype=np.uint8)
     except OSError as error:
         raise InputError(path, f"cannot be read ({error.strerror or error})") from None
@@ -296,16 +284,18 @@ def unreadable_folder(error: OSError) -> str:
 
 def usable_images(paths: Iterable[Path], warn: Callable[[str], None],
                   problem: Callable[[np.ndarray], str | None] = lambda _rgb: None, skipped: list[str] | None = None,
-                  say_notes: bool = False) -> Iterator[tuple[Path, np.ndarray]]:
+                  say_notes: bool = False, check: Callable[[ImageHeader], None] | None = None
+                  ) -> Iterator[tuple[Path, np.ndarray]]:
     """(path, HxWx3 uint8 RGB) of each readable image of ``paths`` for which ``problem(rgb)`` is None.
 
     Every other one is skipped with a warning naming it (``warn``) and its reason appended to
-    ``skipped``; with ``say_notes``, conversions (gray, alpha, 16-bit) are reported as notes.
-    One image is decoded at a time.
+    ``skipped``, an image over the memory budget too (``read_rgb8``'s ``check``) before it is decoded; with
+    ``say_notes``, conversions (gray, alpha, 16-bit) are reported as notes. One image is decoded at a time.
     """
+    max_memory_bytes()  # a budget that is no number of MiB ends the run at once, before any image is skipped for it
     for path in paths:
         try:
-            rgb, notes = read_rgb8(path)
+            rgb, notes = read_rgb8(path, check)
         except InputError as error:
             reason = str(error)
         else:

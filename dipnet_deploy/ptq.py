@@ -29,12 +29,14 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 import torch.nn.functional as F
 
+from dipnet_deploy.errors import OutOfMemoryError
 from dipnet_deploy.observers import DEFAULT_CLIP
 from dipnet_deploy.progress import Progress, no_progress
 from dipnet_deploy.qat import (
@@ -49,6 +51,7 @@ from dipnet_deploy.qat import (
     range_owner,
     tensor_ranges,
 )
+from dipnet_deploy.runtime import UNNAMED_MODEL, allocation_failures_named
 
 STEPS_PER_WEIGHTS = (1000, 100_000)  # default refinement: 1,000 steps per started 100,000 conv weights
 
@@ -105,14 +108,29 @@ def point_ranges(graph: onnx.GraphProto, tensors: dict[str, tuple[float, float]]
 
 
 def refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], inputs: np.ndarray,
-           options: AutoOptions = AutoOptions(), progress: Progress = no_progress) -> Refinement:
+           options: AutoOptions = AutoOptions(), progress: Progress = no_progress,
+           name: str | Path = UNNAMED_MODEL) -> Refinement:
     """Output-aware ranges (and, with ``options.weight_lr``, int8 weights) for ``fp32``, the model the
     int8 graph is made from.
 
     ``tensors``: the starting range of each tensor (max calibration); ``inputs``: [N, 3, H, W]
-    float32 model inputs the crops are drawn from. The target is ``fp32``'s own output.
+    float32 model inputs the crops are drawn from. The target is ``fp32``'s own output. Memory PyTorch
+    (or numpy) cannot allocate: one ``OutOfMemoryError`` naming ``name`` (the model's file; unnamed,
+    ``runtime.model_named`` names it) and the input size, whose whole-image forwards take the most.
     """
-    options = resolved(options, fp32)
+    try:
+        with allocation_failures_named(name, "PyTorch"):
+            return _refine(fp32, tensors, inputs, resolved(options, fp32), progress)
+    except OutOfMemoryError as error:
+        height, width = inputs.shape[2:]
+        raise OutOfMemoryError(error.where, f"{error.problem}, refining the ranges of --method auto on its "
+                                            f"{height}x{width} input (a model exported at a smaller --height/--width "
+                                            "needs less)") from None
+
+
+def _refine(fp32: onnx.ModelProto, tensors: dict[str, tuple[float, float]], inputs: np.ndarray,
+            options: AutoOptions, progress: Progress) -> Refinement:
+    """``refine``, with the step count resolved."""
     teacher = model_from_onnx(fp32)
     student = model_from_onnx(fp32)
     for parameter in teacher.parameters():

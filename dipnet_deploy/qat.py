@@ -1,6 +1,6 @@
 """Fake quantization of a deploy-form DIPNet that mirrors the int8 QDQ graph ``quantize`` writes.
 
-onnxruntime's QDQ quantizer (``quantize_static``, as ``quantize.write_int8`` calls it) quantizes
+onnxruntime's QDQ quantizer (``quantize_static``, as ``int8_model.qdq_model`` calls it) quantizes
 the image input and the output of every Conv, LeakyRelu, Add, Mul, Sigmoid, MaxPool and Resize;
 the DepthToSpace output (the model output) stays float. Weights are int8 symmetric per output
 channel (scale = max|w| / 127), biases float. Activations are uint8 asymmetric: the range is
@@ -34,6 +34,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from dipnet_deploy.archs.dipnet_arch import LEAKY_SLOPE, DIPNet
+from dipnet_deploy.runtime import ort_options
 
 ACTIVATION_LEVELS = 255  # uint8
 WEIGHT_QMAX = 127  # int8 symmetric: [-127, 127]
@@ -403,7 +404,7 @@ def simulation_agreement(fp32: onnx.ModelProto, int8_path: Path, learned: dict[s
     """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(int8_path), ort_options(), providers=["CPUExecutionProvider"])
     int8 = session.run(None, {session.get_inputs()[0].name: image})[0]
     del session
     with torch.no_grad():

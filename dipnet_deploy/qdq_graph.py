@@ -56,6 +56,7 @@ def _swap_with_reader(model: onnx.ModelProto, first_op: str, second_op: str) -> 
     outputs = {out.name for out in graph.output}
     names = {*producers, *(init.name for init in graph.initializer), *(vi.name for vi in graph.input), *outputs}
     sizes = {init.name: math.prod(init.dims) for init in graph.initializer}
+    types = {init.name: init.data_type for init in graph.initializer}
     order = list(graph.node)
     for second in [node for node in graph.node if node.op_type == second_op]:
         first = producers.get(second.input[0])
@@ -63,6 +64,9 @@ def _swap_with_reader(model: onnx.ModelProto, first_op: str, second_op: str) -> 
             continue
         dequantize = first if first.op_type == "DequantizeLinear" else second
         if sizes.get(dequantize.input[1]) != 1:  # per-channel scales do not survive a move of the channels
+            continue
+        zero_point = types.get(dequantize.input[2]) if len(dequantize.input) > 2 else onnx.TensorProto.UINT8
+        if zero_point not in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8):  # no 16-bit DepthToSpace kernel
             continue
         replaced, between, index = first.output[0], f"{first.input[0]}_{second_op}", 1
         while between in names:  # never reuse a name the graph already has
@@ -184,6 +188,8 @@ def _quantized_conv(g: _Graph, conv: onnx.NodeProto) -> _QuantizedConv | None:
     weight = g.array(weight_dq.input[0])
     if weight is None or weight.dtype != np.int8 or weight.ndim != 4:
         return None
+    if not (_eight_bit(g, input_dq) and _eight_bit(g, readers[0])):  # a 16-bit activation: no integer kernel
+        return None
     constants = [(weight_dq, weight_dq.input[0])]
     if len(conv.input) > 2 and conv.input[2]:
         bias_dq = g.producers.get(conv.input[2])
@@ -194,6 +200,12 @@ def _quantized_conv(g: _Graph, conv: onnx.NodeProto) -> _QuantizedConv | None:
         else:
             return None
     return _QuantizedConv(conv, input_dq, weight_dq.input[0], constants, readers[0])
+
+
+def _eight_bit(g: _Graph, node: onnx.NodeProto) -> bool:
+    """Whether a Q or DQ node works on 8-bit integers (its zero point's type; none: uint8)."""
+    zero_point = g.array(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1, np.uint8)
+    return zero_point is not None and zero_point.dtype in (np.uint8, np.int8)
 
 
 def _per_channel(g: _Graph, name: str, channels: int) -> bool:

@@ -1,36 +1,31 @@
-"""Stages 3-4: calibration images -> ranges JSON -> int8 QDQ ONNX.
-
-The int8 model is written by onnxruntime's own quantizer (``quantize_static``, QDQ format) from
-our ranges, handed over through its calibration cache; it does not calibrate again.
-"""
+"""Stages 3-4: calibration images -> ranges JSON -> int8 QDQ ONNX (written by ``int8_model``)."""
 
 from __future__ import annotations
 
-import logging
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from dipnet_deploy import __version__
 from dipnet_deploy.artifacts import TOOL, card_header, card_path_for, default_int8_path, default_ranges_path
+from dipnet_deploy.budget import BudgetOptions, budget_card, budget_summary, check_options, mixed_precision
 from dipnet_deploy.calibrate import calibrate
-from dipnet_deploy.equalize import MAX_SCALE, equalize_with
+from dipnet_deploy.equalize import MAX_SCALE
 from dipnet_deploy.errors import InputError
-from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, scratch_dir, sha256_file
+from dipnet_deploy.fileio import atomic_paths, json_bytes, refuse_unwritable, sha256_file
 from dipnet_deploy.imageio import list_images, read_rgb8, silent, usable_images, vendor_preprocess
+from dipnet_deploy.int8_model import quantized_conv_report, write_int8
 from dipnet_deploy.model_stats import onnx_summary
 from dipnet_deploy.observers import make_observer
 from dipnet_deploy.onnx_model import is_quantized, load_onnx, sr_model_shape
 from dipnet_deploy.progress import Progress, no_progress
-from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry, weights_from_entry
+from dipnet_deploy.ptq import AutoOptions, auto_parameters, refine, weights_entry
 from dipnet_deploy.qat import image_grid_ranges, model_from_onnx, simulation_agreement, tensor_ranges
-from dipnet_deploy.qdq_graph import FAST_PATH, depth_to_space_on_uint8, pad_for_fast_path
+from dipnet_deploy.qdq_graph import FAST_PATH
 from dipnet_deploy.ranges_schema import (
     AUTO,
     LEARNED,
@@ -41,6 +36,7 @@ from dipnet_deploy.ranges_schema import (
     learned_points,
     read_ranges,
 )
+from dipnet_deploy.runtime import ORT_EXACT_INTEGER_KEY
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign
 from dipnet_deploy.stress_set import COVERAGE_HUES, COVERAGE_SEED, coverage_images
 
@@ -66,9 +62,11 @@ class QuantizeOptions:
     coverage: generated stress images (``stress_set.coverage_images``: saturated flat colours, line art,
         text, gradients, UI) calibrated beside the user's, so that no range is narrower than what such
         images produce (0, the default: the user's images alone).
+    budget: a quality budget (``budget.BudgetOptions``): tensors leave int8 until the drop is within it.
+        With a budget, method None starts from the best pure int8 (``best_method``).
     """
 
-    method: str = "max"
+    method: str | None = "max"
     percentile: float = 99.999
     per_channel: bool = True
     symmetric_activations: bool = False
@@ -76,6 +74,7 @@ class QuantizeOptions:
     equalize: bool = True
     auto: AutoOptions = field(default_factory=AutoOptions)  # --method auto
     coverage: int = DEFAULT_COVERAGE
+    budget: BudgetOptions | None = None
 
 
 @dataclass
@@ -90,6 +89,15 @@ def default_calibration_dir() -> Path:
     """The project's calibration/ set: beside the package in a checkout, else ./calibration."""
     beside_package = Path(__file__).resolve().parent.parent / "calibration"
     return beside_package if beside_package.is_dir() else Path("calibration")
+
+
+def best_method(model_path: Path, budget: BudgetOptions | None) -> str:
+    """The method of an unset ``--method``: max, or with a budget the best pure int8 this tool makes for the
+    model: the ranges ``finetune`` learned when the ONNX carries them, else auto."""
+    if budget is None:
+        return "max"
+    model, _ = check_fp32_model(model_path)
+    return LEARNED if learned_points(model, model_path) is not None else AUTO
 
 
 def check_fp32_model(path: Path) -> tuple[onnx.ModelProto, list[int]]:
@@ -233,59 +241,6 @@ def agreement_image(shape: list[int]) -> tuple[Path, np.ndarray]:
     return path, vendor_preprocess(read_rgb8(path)[0], shape[2], shape[3])
 
 
-def model_to_quantize(model_path: Path, document: dict) -> onnx.ModelProto:
-    """The fp32 model the ranges describe: ``model_path`` with the document's equalization applied, then
-    the weights ``--method auto`` adapted (``adapted_weights``), the values the int8 model is written from.
-    ``document`` has passed ``ranges_schema.check_ranges_document`` for this model."""
-    model = onnx.load(str(model_path))
-    equalization = document.get("equalization")
-    if equalization:
-        model = equalize_with(model, {key: np.asarray(scales, np.float32) for key, scales in equalization["scales"].items()})
-    if document.get("adapted_weights") is not None:
-        model = _with_adapted_weights(model, document["adapted_weights"])
-    return model
-
-
-def _with_adapted_weights(model: onnx.ModelProto, entry: dict) -> onnx.ModelProto:
-    initializers = {init.name: init for init in model.graph.initializer}
-    for name, array in weights_from_entry(entry).items():
-        initializers[name].CopyFrom(numpy_helper.from_array(array, name))
-    return model
-
-
-def write_int8(model_path: Path, document: dict, output: Path, options: QuantizeOptions) -> list[dict]:
-    """Quantize with onnxruntime's QDQ quantizer from the given ranges into ``output`` (a temporary name), in
-    the graph form the runtimes run fastest (``qdq_graph``); returns the convs padded for the fast kernel."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
-
-    tensors = {name: (np.float32(r["min"]), np.float32(r["max"])) for name, r in document["tensors"].items()}
-    ranges = TensorsData(CalibrationMethod.MinMax, tensors)
-    with scratch_dir("dipnet-quant-") as scratch:
-        cache, fp32 = Path(scratch) / "ranges.json", Path(scratch) / "fp32.onnx"
-        save_tensors_data(ranges, cache)
-        onnx.save(model_to_quantize(model_path, document), str(fp32))
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # silence the "consider pre-processing" advice, for this call only
-        try:
-            quantize_static(
-                str(fp32), str(output), calibration_data_reader=None, quant_format=QuantFormat.QDQ,
-                per_channel=options.per_channel, reduce_range=False,
-                activation_type=QuantType.QInt8 if options.symmetric_activations else QuantType.QUInt8,
-                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                calibration_cache_path=str(cache),
-                extra_options={"ActivationSymmetric": options.symmetric_activations, "WeightSymmetric": True},
-            )
-        finally:
-            root.setLevel(level)
-    int8 = depth_to_space_on_uint8(onnx.load(str(output)))
-    padded = pad_for_fast_path(int8)
-    int8.producer_name, int8.producer_version = "dipnet-deploy", __version__
-    output.write_bytes(int8.SerializeToString())
-    return padded
-
-
 def equalization_summary(document: dict) -> dict | None:
     """How much the activation equalization rescaled (None when it was off)."""
     if not document.get("equalization"):
@@ -296,24 +251,44 @@ def equalization_summary(document: dict) -> dict | None:
             "median_scale": round(float(np.median(scales)), 3) if scales.size else None}
 
 
-def quantized_conv_report(model: onnx.ModelProto) -> dict:
-    """How many Convs read an int8 weight and a dequantized activation."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    initializers = {init.name: init for init in model.graph.initializer}
-    convs = [node for node in model.graph.node if node.op_type == "Conv"]
-
-    def dequantized_from(name: str, elem_type: int | None) -> bool:
-        node = producers.get(name)
-        if node is None or node.op_type != "DequantizeLinear":
-            return False
-        source = node.input[0]
-        return elem_type is None or (source in initializers and initializers[source].data_type == elem_type)
-
-    return {
-        "convs": len(convs),
-        "int8_weights": sum(dequantized_from(n.input[1], onnx.TensorProto.INT8) for n in convs),
-        "quantized_inputs": sum(dequantized_from(n.input[0], None) for n in convs),
-    }
+def int8_card(output: Path, int8_path: Path, model_path: Path, ranges_path: Path, ranges_file: Path, document: dict,
+              options: QuantizeOptions, padded: list[dict]) -> dict:
+    """The model card of the int8 model written at ``int8_path`` (to be renamed ``output``) from ``document``
+    (saved at ``ranges_file``, to be ``ranges_path``)."""
+    int8 = onnx.load(str(int8_path))
+    summary = onnx_summary(int8)
+    mixed = document.get("mixed_precision")
+    card = card_header("int8-onnx", output) | {
+        "onnx_sha256": sha256_file(int8_path),
+        "fp32_onnx": str(model_path),
+        "fp32_sha256": document["model_sha256"],
+        "ranges": str(ranges_path),
+        "ranges_sha256": sha256_file(ranges_file),
+        "method": document["method"],
+        "parameters": document["parameters"],
+        "calibration_images": len(document["calibration_files"]),
+        "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor") + (
+            ", refined on the calibration images and pinned (adapted_weights in the ranges file)"
+            if document.get("adapted_weights") else ", rounded to nearest"),
+        "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
+        "equalization": equalization_summary(document),
+        "format": "QDQ (onnxruntime quantize_static)",
+        "onnxruntime_session_config": {ORT_EXACT_INTEGER_KEY: "1"},
+        "integer_sums": "exact with VNNI; on x86-64 CPUs without it onnxruntime needs onnxruntime_session_config "
+                        "(its int16 sums saturate otherwise) and OpenVINO computes this model wrong (runtime.ort_options)",
+        "conv_report": quantized_conv_report(int8),
+        "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded,
+                              "note": "onnxruntime's fast integer kernel; OpenVINO sessions take it out"},
+        "ops": summary["ops"],
+        "input_shape": summary["inputs"],
+        "output_shape": summary["outputs"],
+    } | ({"mixed_precision": budget_card(mixed)} if mixed else {})
+    if document["method"] == LEARNED and not (mixed and (mixed["tensors"] or mixed["fp32"])):
+        fp32 = onnx.load(str(model_path))
+        image_path, image = agreement_image(document["input_shape"])
+        learned = {name: (float(low), float(high)) for name, (low, high) in document["parameters"]["points"].items()}
+        card["simulation_agreement"] = {"image": str(image_path), **simulation_agreement(fp32, int8_path, learned, image)}
+    return card
 
 
 def refuse_overwrites(model_path: Path, calib_dir: Path | None, ranges_path: Path, output: Path, card_path: Path,
@@ -337,7 +312,10 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
              ranges_path: Path | None = None, options: QuantizeOptions = QuantizeOptions(),
              progress: Progress = no_progress,
              warn: Callable[[str], None] = print) -> QuantizeResult:
-    """Calibrate (or reuse saved ranges) and write the int8 ONNX, its ranges JSON and model card."""
+    """Calibrate (or reuse saved ranges) and write the int8 ONNX, its ranges JSON and model card; with a
+    budget (``options.budget``), the model of the fewest tensors out of int8 that keeps it (``budget``)."""
+    if options.method is None:
+        options = replace(options, method=best_method(Path(model_path), options.budget))
     if options.method not in METHODS:
         raise InputError("--method", f"unknown method {options.method!r} (choose from {', '.join(METHODS)})")
     learned = options.method == LEARNED
@@ -355,6 +333,13 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
     ranges_path = Path(ranges_path) if ranges_path else default_ranges_path(output)
     card_path = card_path_for(output)
     new_ranges = calib_dir is not None or learned
+    if options.budget is not None:
+        check_options(options.budget)
+        if not new_ranges:
+            raise InputError("--max-drop", "searches from new ranges (--calib, or --method learned); a saved --ranges "
+                                           "file replays the search it records")
+        if not Path(options.budget.val_dir).is_dir():
+            raise InputError(options.budget.val_dir, "--val: not a directory")
     refuse_overwrites(model_path, calib_dir, ranges_path, output, card_path, new_ranges)
     refuse_replacing_foreign([("int8 model", output), ("model card", card_path)] +
                              ([("ranges file", ranges_path)] if new_ranges else []))
@@ -364,41 +349,18 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         document = compute_ranges(model_path, calib_dir, options, progress, warn)
     else:
         document = read_ranges(ranges_path, model_path)
+    if options.budget is not None:
+        document["mixed_precision"] = mixed_precision(model_path, document, options.budget, options.per_channel,
+                                                      options.symmetric_activations, progress, warn)
     # the int8 model, its card and the new ranges appear together or not at all
     with atomic_paths(output, card_path, *([ranges_path] if new_ranges else [])) as temps:
         int8_temp, card_temp = temps[:2]
         if new_ranges:
             temps[2].write_bytes(json_bytes(document))
-        padded = write_int8(model_path, document, int8_temp, options)
-        int8 = onnx.load(str(int8_temp))
-        summary = onnx_summary(int8)
-        card = card_header("int8-onnx", output) | {
-            "onnx_sha256": sha256_file(int8_temp),
-            "fp32_onnx": str(model_path),
-            "fp32_sha256": document["model_sha256"],
-            "ranges": str(ranges_path),
-            "ranges_sha256": sha256_file(temps[2] if new_ranges else ranges_path),
-            "method": document["method"],
-            "parameters": document["parameters"],
-            "calibration_images": len(document["calibration_files"]),
-            "weights": "int8 symmetric " + ("per output channel" if options.per_channel else "per tensor") + (
-                ", refined on the calibration images and pinned (adapted_weights in the ranges file)"
-                if document.get("adapted_weights") else ", rounded to nearest"),
-            "activations": "int8 symmetric" if options.symmetric_activations else "uint8 asymmetric",
-            "equalization": equalization_summary(document),
-            "format": "QDQ (onnxruntime quantize_static)",
-            "conv_report": quantized_conv_report(int8),
-            "fast_path_padding": {"rule": FAST_PATH._asdict(), "convs": padded,
-                                  "note": "onnxruntime's fast integer kernel; OpenVINO sessions take it out"},
-            "ops": summary["ops"],
-            "input_shape": summary["inputs"],
-            "output_shape": summary["outputs"],
-        }
-        if document["method"] == LEARNED:
-            fp32 = onnx.load(str(model_path))
-            image_path, image = agreement_image(document["input_shape"])
-            learned = {name: (float(low), float(high)) for name, (low, high) in document["parameters"]["points"].items()}
-            card["simulation_agreement"] = {"image": str(image_path), **simulation_agreement(fp32, int8_temp, learned, image)}
+        padded = write_int8(model_path, document, int8_temp, options.per_channel,
+                            options.symmetric_activations)
+        card = int8_card(output, int8_temp, model_path, ranges_path, temps[2] if new_ranges else ranges_path,
+                         document, options, padded)
         card_temp.write_bytes(json_bytes(card))
     summary_line = {
         "model": str(model_path), "int8": str(output), "ranges": str(ranges_path), "card": str(card_path),
@@ -407,6 +369,7 @@ def quantize(model_path: Path, output: Path | None = None, calib_dir: Path | Non
         "coverage_images": document.get("coverage", {}).get("images", 0),
         "int8_convs": card["conv_report"]["int8_weights"], "convs": card["conv_report"]["convs"],
         "padded_convs": len(padded),
+        **({"budget": budget_summary(document["mixed_precision"])} if document.get("mixed_precision") else {}),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -25,7 +25,7 @@ from onnx import TensorProto, helper
 
 from dipnet_deploy.errors import OutOfMemoryError
 from dipnet_deploy.fileio import refuse_without_room, scratch_dir
-from dipnet_deploy.runtime import ORT_LOG_FATAL_ONLY, UNNAMED_MODEL, allocation_failures_named
+from dipnet_deploy.runtime import ORT_LOG_FATAL_ONLY, UNNAMED_MODEL, allocation_failures_named, ort_options
 
 
 def float_tensors(model: onnx.ModelProto) -> list[str]:
@@ -244,7 +244,7 @@ def session(model: onnx.ModelProto, threads: int | None = None, optimize: bool =
     (0.9 s of a 7 s 1080p forward), for graphs whose outputs are small. onnxruntime's memory
     pattern is off either way: its one planned block is twice the live peak (2.2 vs 1.15 GB).
     """
-    options = ort.SessionOptions()
+    options = ort_options()
     options.log_severity_level = ORT_LOG_FATAL_ONLY  # a failed forward is said in one line (``run``), not logged too
     options.enable_cpu_mem_arena = arena
     options.enable_mem_pattern = False

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 
 from dipnet_deploy import error_maps, leftovers
 from dipnet_deploy.artifacts import TOOL
+from dipnet_deploy.budget_report import BUDGET_HEAD, budget_chart, budget_rows, not_int8_text
 from dipnet_deploy.compare import METRICS, Comparison
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import (
@@ -208,12 +209,13 @@ def _latency_lines(document: dict) -> list[str]:
 def _origin_text(document: dict) -> str:
     """One sentence on where the int8 model came from, when its card says it is not this fp32 quantized."""
     origin = document.get("int8_origin")
+    budget = not_int8_text(origin["mixed_precision"]) if origin and "mixed_precision" in origin else ""
     if not origin or origin["from_this_fp32"]:
-        return ""
+        return budget
     what = ("fine-tuned weights (quantization-aware `finetune`, `--method learned`)" if origin["finetuned"]
             else f"another fp32 model (`--method {origin['method']}`)")
     return (f"The int8 model was made from {what}: {origin['fp32_onnx']}. Its figures are measured against the fp32 "
-            "model above, the one it replaces.")
+            f"model above, the one it replaces. {budget}").strip()
 
 
 def _protocol_text(document: dict) -> str:
@@ -343,6 +345,10 @@ def _markdown(document: dict, caption: str, heat_label: str) -> str:
                      f"| {display_name(row['image'])} | {row['tiles']} | {p['bicubic']:.2f} | {p['fp32']:.2f} | | |")
     lines += ["", f"## {caption}", "", "![crops](worst_crops.png)", "", f"Error heatmap: {heat_label}", "",
               "![heatmap](error_heatmap.png)", ""]
+    budget = (document.get("int8_origin") or {}).get("mixed_precision")
+    if budget:
+        lines += ["## Quality budget", "", "| " + " | ".join(BUDGET_HEAD) + " |", "|---|---|---|---|",
+                  *["| " + " | ".join(row) + " |" for row in budget_rows(budget)], ""]
     if "int8_diagnosis" in document:
         lines += ["## Diagnosis", "", DIAGNOSIS_TEXT, "", "| " + " | ".join(DIAGNOSIS_HEAD) + " |",
                   "|---|---|---|---|---|", *["| " + " | ".join(row) + " |" for row in _diagnosis_rows(document)], ""]
@@ -393,6 +399,11 @@ def _html(document: dict, caption: str, heat_label: str, folder: Path) -> str:
         diagnosis = (f"<h2>Diagnosis</h2><p class=muted>{e(DIAGNOSIS_TEXT)}</p>"
                      f"<img alt=\"diagnosis\" src=\"{_embed(_diagnosis_chart(document['int8_diagnosis']))}\">"
                      f"<table><tr>{''.join(f'<th>{h}</th>' for h in DIAGNOSIS_HEAD)}</tr>{cells}</table>")
+    budget = (document.get("int8_origin") or {}).get("mixed_precision")
+    if budget:
+        cells = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in budget_rows(budget))
+        diagnosis = (f"<h2>Quality budget</h2><img alt=\"drop against latency\" src=\"{_embed(budget_chart(budget))}\">"
+                     f"<table><tr>{''.join(f'<th>{h}</th>' for h in BUDGET_HEAD)}</tr>{cells}</table>{diagnosis}")
     return f"""<!doctype html>
 <html lang=en><head><meta charset=utf-8><title>dipnet-deploy report</title>
 <style>

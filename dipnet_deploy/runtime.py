@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 import threading
 import time
@@ -38,6 +39,10 @@ MAX_THREADS_PER_CORE = 4  # more threads (or parallel sessions) than this per co
 SESSION_BYTES_PER_INPUT_PIXEL = 1024  # rough peak of one DIPNet-sized forward: ~64 live float channels x 4 tensors
 FULL_HD_PIXELS = 1920 * 1080  # latencies are reported per 1080p-equivalent frame: seconds x FULL_HD_PIXELS / (H x W)
 OPENVINO_INSTALL = "OpenVINO is not installed: pip install 'dipnet-deploy[openvino]' (or: pip install openvino)"
+ORT_EXACT_INTEGER_KEY = "session.x64quantprecision"  # see ort_options
+# Two uint8 x int8 products summed in an int16 cannot overflow when |weight| <= 64: 255 x 128 = 32640 < 2**15
+SATURATION_FREE_WEIGHT = 64
+VNNI_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}  # /proc/cpuinfo: int8 dot products summed in int32
 ORT_LOG_FATAL_ONLY = 4  # onnxruntime logs a failed forward itself, in colour and several lines: we say it in one
 # what a runtime's failure to allocate says (onnxruntime's arena, C++'s std::bad_alloc as the runtimes word it,
 # PyTorch's CPU allocator), with the bytes asked for where it gives them
@@ -138,14 +143,31 @@ def interruptible(forward: Callable[[], T], stop: Callable[[], None]) -> T:
     return outcome["value"]
 
 
+def ort_options():
+    """The onnxruntime ``SessionOptions`` every session of this tool starts from: integer convolutions exact on
+    every x86-64 CPU.
+
+    Without VNNI (AVX2, AVX-512 without VNNI: many AMD EPYC and older Xeon), MLAS multiplies uint8 activations
+    by int8 weights with ``vpmaddubsw``, which adds each pair of products into a saturating int16: a pixel
+    near 255 against weights near +-127 overflows, and the int8 model's output is wrong (``BENCHMARKS.md``).
+    ``session.x64quantprecision`` makes MLAS take its exact uint8 x uint8 path there (slower); CPUs with VNNI
+    are unaffected. A user running the int8 model in onnxruntime elsewhere sets the same entry (README).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.add_session_config_entry(ORT_EXACT_INTEGER_KEY, "1")
+    return options
+
+
 class OrtSession:
-    """onnxruntime CPU session (default graph optimizations, sequential execution)."""
+    """onnxruntime CPU session (default graph optimizations, sequential execution, ``ort_options``)."""
 
     def __init__(self, model: str | Path, threads: int | None):
         import onnxruntime as ort
 
         self.model = model
-        options = ort.SessionOptions()
+        options = ort_options()
         options.log_severity_level = ORT_LOG_FATAL_ONLY
         if threads:
             options.intra_op_num_threads = threads
@@ -188,7 +210,9 @@ class OpenVinoSession:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         with allocation_failures_named(model, "OpenVINO"):
-            self.request = core.compile_model(core.read_model(str(model)), "CPU", config).create_infer_request()
+            graph = core.read_model(str(model))
+            refuse_saturating_int8(model, graph)
+            self.request = core.compile_model(graph, "CPU", config).create_infer_request()
         self.own_output = self.request.get_output_tensor(0)
         self.output_shape = tuple(self.own_output.shape)
         self.bound: np.ndarray | None = None  # the caller's ``out`` the request writes into
@@ -208,6 +232,46 @@ class OpenVinoSession:
         tensor = self.own_output if out is None else import_openvino().Tensor(out, shared_memory=True)
         self.request.set_output_tensor(0, tensor)
         self.bound = out
+
+
+def refuse_saturating_int8(model: str | Path, graph) -> None:
+    """Refuse to run ``model`` (read by OpenVINO as ``graph``) where OpenVINO would compute it wrong: an int8
+    model whose weights reach past ``SATURATION_FREE_WEIGHT`` on a CPU that sums int8 products in int16
+    (``int8_sums_saturate``). OpenVINO has no exact mode for it there (onnxruntime has: ``ort_options``)."""
+    if not int8_sums_saturate():
+        return
+    ov = import_openvino()
+    widest = max((int(np.abs(op.get_data().astype(np.int16)).max()) for op in graph.get_ops()
+                  if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i8), default=0)
+    if widest > SATURATION_FREE_WEIGHT:
+        raise InputError(model, f"OpenVINO would compute this int8 model wrong on this CPU ({cpu_name()}): it has "
+                                f"no VNNI, so int8 convolutions add pairs of uint8 x int8 products in saturating 16-bit "
+                                f"sums, and these weights reach {widest} (at most {SATURATION_FREE_WEIGHT} is safe); run "
+                                f"it with --runtime onnxruntime (exact on every CPU) or on a CPU with VNNI")
+
+
+def int8_sums_saturate() -> bool:
+    """True on an x86-64 CPU without VNNI (none of ``VNNI_FLAGS`` in /proc/cpuinfo): int8 convolutions there
+    multiply uint8 by int8 with ``vpmaddubsw``, which adds each pair of products into a saturating int16."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
+    return flags is not None and not VNNI_FLAGS & set(flags)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), for the figures measured on it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def check_output_buffer(out: np.ndarray, shape: tuple[int, ...]) -> None:

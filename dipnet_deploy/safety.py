@@ -72,7 +72,7 @@ def refuse_collisions(outputs: Iterable[tuple[str, Path]], inputs: Iterable[tupl
 def our_report_files(directory: str | Path) -> dict[str, str] | None:
     """The report files (name -> sha256) that the sealed ``metrics.json`` in ``directory`` records, or None
     when there is no such ``metrics.json`` of ours."""
-    document = _our_json(Path(directory) / "metrics.json")
+    document = our_json(Path(directory) / "metrics.json")
     if document is None or not str(document.get("schema", "")).startswith(METRICS_SCHEMA_PREFIX):
         return None
     files = document.get("files")
@@ -94,11 +94,11 @@ def written_by_us(path: str | Path) -> bool:
     sha256, or a ``train``/``finetune`` checkpoint."""
     path = Path(path)
     if path.suffix.lower() == ".onnx":
-        card = _our_json(path.with_suffix(".json"))
+        card = our_json(path.with_suffix(".json"))
         return card is not None and card.get("onnx_sha256") == _sha256(path)
     if path.suffix.lower() in (".pth", ".pt"):
         return _our_checkpoint(path)
-    return _our_json(path) is not None
+    return our_json(path) is not None
 
 
 def refuse_replacing_foreign(outputs: Iterable[tuple[str, Path]]) -> None:
@@ -114,7 +114,7 @@ def refuse_replacing_foreign(outputs: Iterable[tuple[str, Path]]) -> None:
                                    f"{role} (move or delete it first, or choose another path)")
 
 
-def _our_json(path: Path) -> dict | None:
+def our_json(path: Path) -> dict | None:
     """The JSON object in the regular file ``path`` if we wrote it (sealed, ``fileio.sealed_json``), else None.
     Our JSON files are small: a larger file is not read, nor a link or anything but a regular file."""
     try:

@@ -32,6 +32,7 @@ from dipnet_deploy.imageio import list_images, silent, usable_images
 from dipnet_deploy.progress import Progress, no_progress, show
 from dipnet_deploy.safety import refuse_collisions, refuse_replacing_foreign, same_file
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, unscorable
+from dipnet_deploy.training_memory import TrainingMemory
 
 ESA_MIN_SIZE = 15  # stride-2 3x3 conv then a 7x7 max pool must leave at least one pixel
 
@@ -91,9 +92,11 @@ class TrainResult:
 
 
 class PairedPatches:
-    """All training pairs in memory; draws aligned random crops with flips/rot90."""
+    """All training pairs in memory; draws aligned random crops with flips/rot90. An image over the memory
+    budget (``memory``'s estimate; without one, its decoding) is skipped with a warning before it is decoded."""
 
-    def __init__(self, directory: Path, scale: int, patch: int, warn: Callable[[str], None] = print):
+    def __init__(self, directory: Path, scale: int, patch: int, warn: Callable[[str], None] = print,
+                 memory: TrainingMemory | None = None):
         if patch % scale:
             raise InputError("--patch", f"{patch} is not a multiple of the scale {scale}")
         self.scale, self.patch = scale, patch
@@ -103,7 +106,8 @@ class PairedPatches:
         def too_small(hr: np.ndarray) -> str | None:
             return f"{hr.shape[1]}x{hr.shape[0]} is smaller than the {patch}px patch" if min(hr.shape[:2]) < patch else None
 
-        self.pairs += [make_pair(hr, scale) for _, hr in usable_images(files, warn, too_small)]
+        check = memory.image_check("training") if memory is not None else None
+        self.pairs += [make_pair(hr, scale) for _, hr in usable_images(files, warn, too_small, check=check)]
         if not self.pairs:
             found = f"{len(files)} image file(s), none usable" if files else "no image files"
             raise InputError(directory, f"no training images ({found}; need readable images >= {patch}px)")
@@ -131,11 +135,15 @@ def validate(model: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]],
     return float(np.mean([score(run_torch_whole(deploy, lr), hr, scale)["psnr_y"] for hr, lr in pairs]))
 
 
-def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], None]) -> list:
+def load_val_pairs(directory: Path | None, scale: int, warn: Callable[[str], None],
+                   memory: TrainingMemory | None = None) -> list:
+    """(HR, LR) of every scorable image under ``directory``; one over the memory budget (``memory``'s estimate,
+    its whole-image forward included) is skipped with a warning before it is decoded."""
     if directory is None:
         return []
+    check = memory.image_check("validation") if memory is not None else None
     pairs = [make_pair(hr, scale) for _, hr in usable_images(list_images(directory, warn), warn,
-                                                             lambda hr: unscorable(hr, scale))]
+                                                             lambda hr: unscorable(hr, scale), check=check)]
     if not pairs:
         raise InputError(directory, "no readable validation images")
     return pairs
@@ -313,8 +321,9 @@ def train(data_dir: Path, out: Path, cfg: TrainOptions = TrainOptions(), progres
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     checkpoint = _resume_state(cfg.resume, config) if cfg.resume else None
-    data = PairedPatches(data_dir, config.upscale, cfg.patch, warn)
-    val_pairs = load_val_pairs(cfg.val, config.upscale, warn)
+    memory = TrainingMemory(config)
+    data = PairedPatches(data_dir, config.upscale, cfg.patch, warn, memory)
+    val_pairs = load_val_pairs(cfg.val, config.upscale, warn, memory)
 
     torch.manual_seed(cfg.seed)
     model = build_train_model(config).train()

@@ -13,7 +13,9 @@ Conventions:
 - videos (``VIDEO_SUFFIXES``) keep their name and container; every frame of the first video
   stream is upscaled and encoded (H.264 by default, VP9 for WebM) with the input's timestamps,
   frame rate and colour tags; audio streams are copied packet for packet; other streams
-  (subtitles, data) are not carried over;
+  (subtitles, data) are not carried over; a video whose frames, upscaled and in the encoder's
+  look-ahead, would take more than ``DIPNET_MAX_MEMORY_MB`` (``video.video_bytes``) is refused before
+  a frame is decoded;
 - a folder input is listed recursively (linked folders not entered) and its tree mirrored
   directly under the output folder; a file input lands at the top of it;
 - nothing is ever written into an input folder or over an input file (refused before any work),
@@ -33,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 
 from dipnet_deploy.cluster import RayOptions, import_ray
@@ -54,7 +57,18 @@ from dipnet_deploy.progress import Progress, no_progress, ticks
 from dipnet_deploy.runtime import check_parallelism, check_runtime
 from dipnet_deploy.safety import refuse_collisions, same_file
 from dipnet_deploy.tiling import TiledRunner
-from dipnet_deploy.video import VIDEO_SUFFIXES, check_codec, count_frames, default_codec, transcode
+from dipnet_deploy.video import (
+    VIDEO_SUFFIXES,
+    check_codec,
+    check_video_memory,
+    count_frames,
+    decoder_options,
+    default_codec,
+    open_video,
+    transcode,
+)
+
+AVI_ORDER_FRAMES = 64  # frames of an AVI checked for B-frame order: a stream with B-frames has them from its start
 
 
 @dataclass
@@ -185,13 +199,43 @@ def upscaled_png(runner: TiledRunner, source: Path) -> tuple[bytes, list[str]]:
     return buffer.getvalue(), notes
 
 
+def refuse_unordered_avi(source: Path) -> None:
+    """Refuse an AVI whose first ``AVI_ORDER_FRAMES`` frames decode out of time order: AVI stores no presentation
+    times, and a stream with B-frames (DivX/XviD's packed ones, or H.264's) decodes in display order carrying
+    the times of its packets in stored order, which the encoder refuses midway (or a player would show
+    shuffled). A damaged stream is left to ``transcode`` to name."""
+    if source.suffix.lower() != ".avi":
+        return
+    last = None
+    try:
+        with open_video(source) as reader:
+            if not reader.streams.video:
+                return
+            video = reader.streams.video[0]
+            video.codec_context.options = decoder_options()
+            for count, frame in enumerate(reader.decode(video)):
+                if count >= AVI_ORDER_FRAMES:
+                    return
+                if frame.pts is not None and last is not None and frame.pts <= last:
+                    raise InputError(source, f"an AVI with B-frames: frame {count} decodes with time {frame.pts}, "
+                                             f"not after {last} (AVI keeps no presentation times), so its timing "
+                                             "cannot be kept; convert it to MP4 or MKV first")
+                last = frame.pts if frame.pts is not None else last
+    except av.FFmpegError:
+        return
+
+
 def upscale_video_into(runner: TiledRunner, source: Path, target: Path, options: UpscaleOptions,
                        tick: Callable[[], None] = lambda: None) -> int:
     """Upscale every frame of ``source`` into the file ``target`` (``video.transcode``, the container chosen
-    by ``source``'s suffix); the frame count."""
+    by ``source``'s suffix); the frame count. A video whose frames would take more than the memory budget
+    (``video.check_video_memory``), then an AVI whose frames decode out of time order, is refused first."""
     suffix = source.suffix
-    return transcode(source, target, suffix, lambda rgb: upscale_rgb(runner, rgb), runner.scale,
-                     options.codec or default_codec(suffix), options.crf, tick)
+    codec = options.codec or default_codec(suffix)
+    check_video_memory(source, runner.scale, codec)  # before any frame is decoded, the AVI check's included
+    refuse_unordered_avi(source)
+    return transcode(source, target, suffix, lambda rgb: upscale_rgb(runner, rgb), runner.scale, codec, options.crf,
+                     tick)
 
 
 def upscale_job(runner: TiledRunner, job: Job, options: UpscaleOptions, tick: Callable[[], None],

@@ -13,10 +13,15 @@ when its first bytes are that container's signature: FFmpeg's guess would also t
 its image demuxers decode whole to learn the size. Every decoder, those ``av.open`` runs to read the
 stream parameters included, refuses frames over ``max_pixels()`` (FFmpeg's ``max_pixels``), and
 every frame must have the size the stream header declared before decoding began.
+
+Memory: a video is refused before any frame is decoded when what its frames take, estimated from the stream
+header (``video_bytes``: the decoder's frames, the RGB frame, its upscaled copies and the frames the encoder
+keeps in flight, which dominate), is over the memory budget (``memory_budget``): ``check_video_memory``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +32,7 @@ import numpy as np
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.fileio import is_write_failure
 from dipnet_deploy.imageio import check_pixel_count, max_pixels
+from dipnet_deploy.memory_budget import refuse_over_budget
 
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm", ".avi")
 CONTAINERS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov", ".webm": "webm", ".avi": "avi"}  # muxers
@@ -36,6 +42,17 @@ ISO_BOXES = (b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide", b"pnot")  # w
 DEFAULT_CODEC = "libx264"  # H.264
 WEBM_CODEC = "libvpx-vp9"  # WebM admits only VP8/VP9/AV1
 COLOUR_TAGS = ("colorspace", "color_range", "color_primaries", "color_trc")
+# Bytes per output pixel an encoder holds once its look-ahead is full (lookahead, B-frames and references, at
+# the output size): libx264 some 190 with its default 40-frame rc-lookahead, under 50 with ours
+# (``X264_OPTIONS``), libvpx-vp9 some 100, libx265 and libsvtav1 less than libx264's default on 2 cores. Any other
+# encoder is counted as libx264 at its defaults.
+X264_OPTIONS = {"rc-lookahead": "10"}  # a quarter of the default look-ahead: 1080p -> 4K fits the default budget
+ENCODER_BYTES_PER_PIXEL = {DEFAULT_CODEC: 60, "libvpx-vp9": 110}
+DEFAULT_ENCODER_BYTES_PER_PIXEL = 200
+# Frames a decoder may hold: H.264's largest picture pool (16 references, reordering and the frame being made);
+# the other decoders keep fewer.
+DECODER_FRAMES = 36
+WIDEST_SAMPLE_BYTES = 8  # a pixel format the header leaves open counts as 16-bit RGBA
 
 
 def check_codec(name: str) -> None:
@@ -83,6 +100,52 @@ def open_video(path: Path) -> av.container.InputContainer:
     return av.open(str(path), format=demuxer, options=decoder_options())
 
 
+def frame_bytes(pix_fmt: str | None) -> float:
+    """Bytes per pixel of a decoded frame in FFmpeg's pixel format ``pix_fmt`` (its planes, chroma subsampled)."""
+    try:
+        layout = av.VideoFormat(pix_fmt, 16, 16)
+    except (TypeError, ValueError):  # no format in the header, or one this PyAV does not know
+        return WIDEST_SAMPLE_BYTES
+    return sum(-(-part.bits // 8) * part.width * part.height for part in layout.components) / 256
+
+
+def video_bytes(width: int, height: int, pix_fmt: str | None, scale: int, codec: str) -> int:
+    """Peak bytes upscaling the frames (``width`` x ``height``, ``pix_fmt``) of a video x``scale`` and encoding
+    them with ``codec`` takes: the decoder's frames and one RGB frame at the input size; at the output size the
+    upscaled RGB frame, its copy for the encoder and the yuv420p frame made of it, and what the encoder keeps in
+    flight. The model's own memory (its session, a tile's buffers) does not grow with the frame and is not counted."""
+    pixels, out = width * height, width * height * scale**2
+    decoding = pixels * (DECODER_FRAMES * frame_bytes(pix_fmt) + 3)
+    encoding = out * (3 + 3 + 1.5 + ENCODER_BYTES_PER_PIXEL.get(codec, DEFAULT_ENCODER_BYTES_PER_PIXEL))
+    return math.ceil(decoding + encoding)
+
+
+def check_video_memory(source: Path, scale: int, codec: str, video: av.video.stream.VideoStream | None = None) -> None:
+    """Refuse ``source`` when the frames of its first video stream (``video``, or read from the file's header) are
+    over the megapixel limit, or their ``video_bytes`` over the memory budget: before any frame is decoded for
+    the work (what ``av.open`` decodes to read the stream's parameters is bounded by ``decoder_options``)."""
+    if video is not None:
+        width, height, pix_fmt = _frame_layout(video)
+    else:
+        try:
+            with open_video(source) as reader:
+                if not reader.streams.video:
+                    return  # transcode says so
+                width, height, pix_fmt = _frame_layout(reader.streams.video[0])
+        except av.FFmpegError:
+            return  # transcode names what is wrong with the file
+    check_pixel_count(source, width, height)
+    refuse_over_budget(source, f"{width}x{height} frames ({width * height / 1e6:,.1f} megapixels)",
+                       video_bytes(width, height, pix_fmt, scale, codec),
+                       f"upscale them x{scale} and encode them with {codec}")
+
+
+def _frame_layout(video: av.video.stream.VideoStream) -> tuple[int, int, str | None]:
+    """(width, height, pixel format) of the frames the stream header of ``video`` declares."""
+    context = video.codec_context
+    return video.width, video.height, context.pix_fmt if context is not None else None
+
+
 def _first_frame_tags(source: Path, scale: int) -> tuple[dict, list[int] | None]:
     """The colour tags of the first frame, and its display matrix for a ``scale`` times larger frame (None
     without one): the encoder must carry both before the output's header is written, which the first
@@ -128,7 +191,7 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
                 raise InputError(source, "its video is in a format this FFmpeg cannot decode")
             # PyAV reports the decoder's size once decoding began: the header's is kept here, and checked
             width, height = video.width, video.height
-            check_pixel_count(source, width, height)
+            check_video_memory(source, scale, codec, video)  # and the megapixel limit
             video.codec_context.options = decoder_options()
             tags, matrix = _first_frame_tags(source, scale)
             audio = list(reader.streams.audio)
@@ -142,7 +205,8 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
                 encoder.width, encoder.height = width * scale, height * scale
                 encoder.pix_fmt = "yuv420p"
                 encoder.codec_context.time_base = video.time_base
-                encoder.options = {"crf": str(crf), **({"b:v": "0"} if codec == WEBM_CODEC else {})}
+                encoder.options = {"crf": str(crf), **({"b:v": "0"} if codec == WEBM_CODEC else {}),
+                                   **(X264_OPTIONS if codec == DEFAULT_CODEC else {})}
                 for key, value in tags.items():  # tag the output as the input is tagged
                     setattr(encoder.codec_context, key, value)
                 encoder.set_display_matrix(matrix)

@@ -3,13 +3,18 @@
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.compare import CompareOptions, compare, means
+from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.runtime import open_session, reusing_output
+
+from .conftest import exact_openvino_int8
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,7 @@ def test_bench_refuses_mismatched_pair(x2_pair, tmp_path, invoke):  # noqa: F811
     assert code == 2 and "does not match the fp32 model" in err and "Traceback" not in err
 
 
+@exact_openvino_int8
 def test_bench_runtimes_side_by_side(pair, invoke):
     pytest.importorskip("openvino")
     fp32, int8 = pair
@@ -52,6 +58,7 @@ def test_bench_runtimes_side_by_side(pair, invoke):
     assert openvino["int8_vs_reference_fp32"] == pytest.approx(openvino["int8_s"] / summary["fp32_s"], abs=1e-3)
 
 
+@exact_openvino_int8
 def test_compare_through_openvino_agrees_with_onnxruntime(pair, hr_dir):  # noqa: F811
     pytest.importorskip("openvino")
     fp32, int8 = pair
@@ -63,7 +70,7 @@ def test_compare_through_openvino_agrees_with_onnxruntime(pair, hr_dir):  # noqa
     assert abs(a["int8"] - b["int8"]) < 0.2  # the same QDQ model; integer kernels round differently
 
 
-@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("runtime", ["onnxruntime", pytest.param("openvino", marks=exact_openvino_int8)])
 def test_output_buffer_holds_the_same_values_as_a_fresh_output(pair, runtime):
     """``run(x, out)`` (what bench times) writes exactly ``run(x)``'s values; each call overwrites the
     buffer, a plain call after it returns an array of its own, and a wrong buffer is refused."""
@@ -82,3 +89,55 @@ def test_output_buffer_holds_the_same_values_as_a_fresh_output(pair, runtime):
         session.run(first, np.empty((1, 3, 128, 96), np.float32))
     with pytest.raises(ValueError, match="C-contiguous"):
         session.run(first, np.empty(session.output_shape[::-1], np.float32).T)
+
+
+def saturating_conv(path) -> np.ndarray:
+    """A QDQ conv whose exact int32 sums a CPU without VNNI overflows in int16 (``vpmaddubsw``): every input
+    level 255 and 16 input channels of weights +127, one output channel; writes it to ``path`` and returns the
+    exact output (the integer sums, dequantized)."""
+    weight = np.full((1, 16, 1, 1), 127, np.int8)
+    inits = [numpy_helper.from_array(np.asarray(1 / 255, np.float32), "s_x"),
+             numpy_helper.from_array(np.asarray(0, np.uint8), "z_x"),
+             numpy_helper.from_array(weight, "w_q"), numpy_helper.from_array(np.asarray([0.01], np.float32), "s_w"),
+             numpy_helper.from_array(np.asarray([0], np.int8), "z_w"),
+             numpy_helper.from_array(np.asarray(0.1, np.float32), "s_y"),
+             numpy_helper.from_array(np.asarray(0, np.uint8), "z_y")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s_x", "z_x"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "s_x", "z_x"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "s_w", "z_w"], ["w"], axis=0),
+             helper.make_node("Conv", ["x_dq", "w"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "s_y", "z_y"], ["y_q"]),
+             helper.make_node("DequantizeLinear", ["y_q", "s_y", "z_y"], ["out"])]
+    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 1, 4, 4])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    exact = 16 * 255 * 127 * (1 / 255) * 0.01  # 20.32: within the output's range (255 x 0.1)
+    return np.full((1, 1, 4, 4), np.round(exact / 0.1) * 0.1, np.float32)
+
+
+def test_onnxruntime_sessions_compute_int8_sums_exactly_on_every_cpu(tmp_path):
+    """Our onnxruntime sessions give the exact integer result where a plain session on a CPU without VNNI
+    saturates (there this test fails without ``ort_options``; with VNNI both are exact)."""
+    expected = saturating_conv(tmp_path / "sat.onnx")
+    x = np.ones((1, 16, 4, 4), np.float32)
+    np.testing.assert_allclose(open_session(tmp_path / "sat.onnx").run(x), expected, rtol=1e-6)
+
+
+def test_openvino_refuses_an_int8_model_it_would_compute_wrong(tmp_path, invoke, monkeypatch):
+    """On a CPU without VNNI (simulated) OpenVINO refuses weights past +-64 in one line naming the model and
+    the way out; a model whose weights stay within +-64 runs."""
+    pytest.importorskip("openvino")
+    from dipnet_deploy import runtime
+
+    saturating_conv(tmp_path / "sat.onnx")
+    monkeypatch.setattr(runtime, "int8_sums_saturate", lambda: True)
+    with pytest.raises(InputError) as refusal:
+        open_session(tmp_path / "sat.onnx", "openvino")
+    line = str(refusal.value)
+    assert "sat.onnx" in line and "reach 127" in line and "--runtime onnxruntime" in line and "\n" not in line
+    model = onnx.load(str(tmp_path / "sat.onnx"))
+    weight = next(init for init in model.graph.initializer if init.name == "w_q")
+    weight.CopyFrom(numpy_helper.from_array(np.full((1, 16, 1, 1), 64, np.int8), "w_q"))
+    onnx.save(model, str(tmp_path / "seven_bit.onnx"))
+    x = np.ones((1, 16, 4, 4), np.float32)
+    assert open_session(tmp_path / "seven_bit.onnx", "openvino").run(x) == pytest.approx(16 * 64 * 0.01, abs=0.05)

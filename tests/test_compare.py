@@ -20,6 +20,7 @@ from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import read_rgb8, to_uint8_rgb
 from dipnet_deploy.matlab_resize import imresize
 from dipnet_deploy.quantize import quantize
+from dipnet_deploy.runtime import ort_options
 from dipnet_deploy.sr_protocol import make_pair, run_torch_whole, score, to_input
 from dipnet_deploy.tiling import TiledRunner, receptive_field
 
@@ -184,7 +185,7 @@ def whole_image_session(model_path) -> ort.InferenceSession:
         dims = value.type.tensor_type.shape.dim
         dims[2].dim_param, dims[3].dim_param = "height", "width"
     del model.graph.value_info[:]
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"])
 
 
 def expected_sr(hr_rgb, model, int8_session, tile) -> dict:

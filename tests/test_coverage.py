@@ -21,10 +21,11 @@ from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.imageio import vendor_preprocess
+from dipnet_deploy.int8_model import model_to_quantize
 from dipnet_deploy.metrics import psnr
 from dipnet_deploy.ptq import AutoOptions
 from dipnet_deploy.qat import QuantSimDIPNet, clipped_bounds, fake_quant_activation
-from dipnet_deploy.quantize import QuantizeOptions, model_to_quantize, quantize
+from dipnet_deploy.quantize import QuantizeOptions, quantize
 from dipnet_deploy.range_graphs import values_model
 from dipnet_deploy.stress_set import EVALUATION_HUES, EVALUATION_SEED, coverage_images, stress_image
 

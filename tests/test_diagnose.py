@@ -10,9 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from dipnet_deploy.artifacts import PACKAGED_WEIGHTS
 from dipnet_deploy.checkpoint import load_checkpoint
-from dipnet_deploy.diagnose import activation_pairs, float_fallback, signal_to_noise
+from dipnet_deploy.diagnose import signal_to_noise
 from dipnet_deploy.export import ExportOptions, export
 from dipnet_deploy.qat import onnx_point_names
+from dipnet_deploy.qdq_pairs import activation_pairs, float_fallback
 from dipnet_deploy.quantize import quantize
 
 from .conftest import CALIBRATION
@@ -60,7 +61,12 @@ def test_float_fallback_equals_the_model_built_without_that_pair(tensor):
     assert sorted(pairs) == ["x", "y"] and pairs["y"].producer == "Conv" and pairs["x"].producer == "graph input"
     assert pairs["y"].float_range() == pytest.approx([0.05 * -128, 0.05 * 127])
     fallback, by_hand = float_fallback(model, [pairs[tensor]]), tiny_qdq(without=tensor)
-    assert [n.op_type for n in fallback.graph.node] == [n.op_type for n in by_hand.graph.node]
+    # the conv is float now: it reads its weight dequantized ahead, the same values the DQ made
+    assert [n.op_type for n in fallback.graph.node] == [n.op_type for n in by_hand.graph.node][1:]
+    conv = next(node for node in fallback.graph.node if node.op_type == "Conv")
+    weight = next(init for init in fallback.graph.initializer if init.name == conv.input[1])
+    np.testing.assert_array_equal(numpy_helper.to_array(weight),
+                                  np.round(WEIGHT * 127).astype(np.float32) * np.float32(1 / 127))
     x = np.random.default_rng(0).normal(1.0, 1.5, (1, 1, 6, 6)).astype(np.float32)
     np.testing.assert_array_equal(run(fallback, x), run(by_hand, x))
     assert not np.array_equal(run(fallback, x), run(model, x))

@@ -671,3 +671,46 @@ def test_absurd_repeats_refused(work, invoke):
     before = snapshot(work)
     refused(invoke("bench", "--fp32", work / "m.onnx", "--int8", work / "m.int8.onnx", "--repeats", str(10**22)),
             "--repeats", before, work)
+
+
+def test_a_fifo_given_as_ranges_to_reuse_is_not_a_regular_file(work, invoke):
+    """The audit found a FIFO (reading it would wait) called "no such ranges file"."""
+    fifo = work / "r.json"
+    os.mkfifo(fifo)
+    before = snapshot(work)
+    refused(invoke("quantize", "--model", work / "m.onnx", "--ranges", fifo, "-o", work / "out" / "q.int8.onnx"),
+            f"{fifo}: not a regular file", before, work)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("args", [["info", "{m}"], ["info", "{m}", "--json"], ["--version"], ["--help"]],
+                         ids=lambda args: " ".join(args))
+def test_standard_output_on_a_full_device_is_named(args, work):
+    """`info > /dev/full`: the audit found "an output: cannot write", and --help or --version a traceback."""
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "dipnet_deploy", *(a.format(m=work / "m.onnx") for a in args)],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=60,
+                              env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "dipnet-deploy: error: standard output: cannot write (No space left on device)"], done.stderr
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+@pytest.mark.parametrize("value, words", [
+    ("5_0", "not a positive number of MiB"), ("\u0665\u0660", "not a positive number of MiB"),  # Arabic-Indic 50
+    (" 50", "not a positive number of MiB"), ("1e-300", "not a positive number of MiB"),
+    ("0.5", "below the least accepted, 1 MiB"),
+])
+def test_a_budget_is_plain_ascii_digits_and_at_least_one_mib(value, words, how, work, invoke, monkeypatch):
+    """Python's float() took 5_0, other scripts' digits and spaces; a budget of 1e-300 MiB refused every image
+    as "about 0 MiB over the 0 MiB budget". Refused as the option (or variable) is read, naming it."""
+    if how == "env":
+        monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", value)
+    else:
+        monkeypatch.delenv("DIPNET_MAX_MEMORY_MB", raising=False)
+    before = snapshot(work)
+    name = "DIPNET_MAX_MEMORY_MB" if how == "env" else "--max-memory-mb"
+    result = invoke(*([] if how == "env" else ["--max-memory-mb", value]), "upscale", work / "hr", "--model",
+                    work / "m.onnx", "-o", work / "out")
+    refused(result, name, before, work)
+    assert words in result[2], result[2]

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import resource
+import select
 import shutil
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from dipnet_deploy.fileio import checkpoint_seal, json_bytes, make_folders, remo
 from dipnet_deploy.report import REPORT_FILES
 from dipnet_deploy.safety import written_by_us
 
-from .conftest import compare_args, refused, snapshot
+from .conftest import compare_args, refused, snapshot, write_images
 
 # --------------------------------------------------------------------------- ownership: seals, not names
 
@@ -439,6 +440,37 @@ def test_sighup_and_sigquit_stop_compare_and_its_workers_cleanly(signum, to_job,
     assert "Traceback" not in err and err.strip().splitlines()[-1].endswith(f"terminated ({signum.name})"), err
     _wait_for(lambda: not any(map(_alive, workers)), within=10)
     assert not report.exists()
+
+
+@pytest.mark.parametrize("command, signum", [("compare", signal.SIGHUP), ("upscale", signal.SIGTERM)],
+                         ids=["compare SIGHUP", "upscale SIGTERM"])
+def test_a_terminating_signal_to_a_ray_run_ends_it_and_its_ray_cleanly(command, signum, work, tmp_path):
+    """SIGHUP or SIGTERM to the parent of a --ray run once the work is under way: one line, 128 + the signal, no
+    output, and the local Ray it started gone. The audit found SIGTERM ending it with exit 1 after a C++ stack of
+    several lines (ray.init replaces the driver's handlers), and SIGHUP with 130 "interrupted" (Ray's wait turns
+    the handler's exception into a KeyboardInterrupt of its own)."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'dipnet-deploy[ray]'")
+    from .test_cluster import _processes_mentioning  # (that module needs Ray to import)
+
+    write_images(work / "many", 40, (160, 200))
+    out = tmp_path / "out"
+    args = {"compare": compare_args(work, out, work / "many"),
+            "upscale": ["upscale", work / "many", "--model", work / "m.onnx", "-o", out]}[command]
+    process = subprocess.Popen([sys.executable, "-m", "dipnet_deploy", *map(str, args), "--ray"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, env=os.environ)
+    seen, deadline = b"", time.monotonic() + 120
+    while f"{command}:".encode() not in seen and time.monotonic() < deadline:  # the bar appears once Ray is up
+        if select.select([process.stderr], [], [], 1.0)[0]:
+            seen += os.read(process.stderr.fileno(), 4096)
+    assert f"{command}:".encode() in seen, seen
+    os.kill(process.pid, signum)
+    _, rest = process.communicate(timeout=60)
+    err = (seen + rest).decode(errors="replace")
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    name = "" if signum == signal.SIGTERM else f" ({signum.name})"
+    assert process.returncode == 128 + signum and lines == [f"dipnet-deploy: terminated{name}"], err
+    assert not out.exists()
+    _wait_for(lambda: not _processes_mentioning(f"_{process.pid} "), within=15)  # Ray's, named by the driver's pid
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")

@@ -29,6 +29,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from dipnet_deploy.archs.dipnet_arch import DIPNet
 from dipnet_deploy.checkpoint import MAX_CHECKPOINT_BYTES, load_checkpoint
 from dipnet_deploy.config import PRESETS
 from dipnet_deploy.errors import InputError, OutOfMemoryError
@@ -46,10 +47,11 @@ ADDRESS_SPACE = 3 << 29  # 1.5 GiB: what a bomb's child process may map
 
 
 def refused(result: tuple[int, str, str], name: str, words: str = "") -> None:
-    """Exit 2 and one stderr line (progress bars aside, with or without a total) naming ``name`` and ``words``,
-    no traceback."""
+    """Exit 2 and one stderr line (progress bars aside, with or without a total, and the blank lines their carriage
+    returns make in text mode) naming ``name`` and ``words``, no traceback."""
     code, _, err = result
-    lines = [line for line in err.strip().splitlines() if "%|" not in line and not line.startswith("upscale: ")]
+    lines = [line for line in err.strip().splitlines()
+             if "%|" not in line and not line.startswith("upscale: ") and line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("dipnet-deploy: error: "), err
     assert "Traceback" not in err and name in lines[0] and words in lines[0], lines[0]
 
@@ -330,6 +332,24 @@ def test_quantize_calibration_needing_more_memory_than_there_is_is_one_line(tmp_
     assert [path.name for path in (tmp_path / "tmp").iterdir() if path.name.startswith("dipnet-")] == []
 
 
+def test_quantize_auto_refinement_needing_more_memory_than_there_is_is_one_line(x2_state, tmp_path):
+    """--method auto's PyTorch refinement of a small x2 model at 1024x1024 (whole-image forwards of its fake-quantized
+    twin) in 2.4 GiB of address space, where onnxruntime's calibration fits: one line naming the model and the size
+    to lower, exit 2, no output, no scratch folder left. The audit found a traceback (DefaultCPUAllocator)."""
+    torch.save(x2_state, tmp_path / "x2.pth")
+    model = export(load_checkpoint(tmp_path / "x2.pth"), tmp_path / "x2.onnx",
+                   ExportOptions(1024, 1024, simplify=False)).onnx_path
+    (tmp_path / "calib").mkdir()
+    (tmp_path / "tmp").mkdir()
+    cv2.imwrite(str(tmp_path / "calib" / "a.png"), np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    result = bounded("quantize", "--model", model, "--calib", tmp_path / "calib", "--method", "auto", "--auto-steps", 1,
+                     "-o", tmp_path / "q" / "x2.int8.onnx", address_space=19 << 27, env={"TMPDIR": str(tmp_path / "tmp")})
+    refused(result, "x2.onnx", "PyTorch ran out of memory for this model")
+    assert "refining the ranges of --method auto on its 1024x1024 input" in result[2], result[2]
+    assert not (tmp_path / "q").exists()
+    assert [path.name for path in (tmp_path / "tmp").iterdir() if path.name.startswith("dipnet-")] == []
+
+
 def test_export_check_forward_needing_more_memory_than_there_is_is_one_line(x2_state, tmp_path):
     """export's check forward of a small x2 model at 2048x2048 (some GiB of activations) in 2 GiB of address space
     (the tool itself takes about 1): one line naming the checkpoint and the size to lower, exit 2, nothing written."""
@@ -457,6 +477,25 @@ def test_checkpoint_declaring_a_huge_model_in_small_tensors_refused_in_bounded_m
              "upsampler.0.weight": torch.randn(12, 6000, 3, 3, generator=rng)}
     torch.save(state, tmp_path / "wide.pth")
     refused(bounded("info", tmp_path / "wide.pth"), "wide.pth")
+
+
+@pytest.mark.parametrize("option, value", [("--feature-channels", 800), ("--feature-channels", 2000),
+                                           ("--mid-channels", 100000)])
+def test_export_width_beyond_any_dipnet_refused_up_front(option, value, tmp_path):
+    """A width no DIPNet has is refused as the option is parsed, in 1.5 GiB of address space; the audit found
+    800 and 2000 refused only once the checkpoint was read (shape mismatch), 100000 by the machine's memory."""
+    refused(bounded("export", option, value, "-o", tmp_path / "out" / "x.onnx"), option,
+            f"{value} is not in the range 1<=x<=512")
+    assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_wider_than_any_dipnet_refused(tmp_path):
+    """The same bound for the width a checkpoint declares: its export's peak grows with the square of the width,
+    whatever --height/--width."""
+    torch.save(DIPNet(PRESETS["x2"].replace(feature_channels=1024)).state_dict(), tmp_path / "wide.pth")
+    refused(bounded("export", "--checkpoint", tmp_path / "wide.pth", "--height", 64, "--width", 64,
+                    "-o", tmp_path / "out" / "x.onnx"), "wide.pth", "1024 feature channels: at most 512 are accepted")
+    assert not (tmp_path / "out").exists()
 
 
 def _viewed(state: dict) -> dict:
@@ -652,6 +691,71 @@ def test_rotated_video_stays_rotated(sr_model, tmp_path, invoke):
     with av.open(str(tmp_path / "out" / "rot.mp4")) as container:
         frame = next(container.decode(video=0))
         assert (frame.width, frame.height, frame.rotation, len(container.streams.audio)) == (128, 96, 90, 1)
+
+
+def _b_frame_packets(codec: str, frames: int) -> list[bytes]:
+    """``frames`` 64x48 frames (frame i has red level 20 i) encoded by ``codec`` with B-frames, in decode order."""
+    context = av.CodecContext.create(codec, "w")
+    context.width, context.height, context.pix_fmt = 64, 48, "yuv420p"
+    context.time_base, context.framerate, context.max_b_frames = Fraction(1, 25), Fraction(25), 1
+    context.options = {"qscale": "3"} if codec == "mpeg4" else {"bf": "1"}
+    packets = []
+    for index in range(frames):
+        image = np.zeros((48, 64, 3), np.uint8)
+        image[..., 0] = 20 * index
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p")
+        frame.pts = index
+        packets += [bytes(packet) for packet in context.encode(frame)]
+    return packets + [bytes(packet) for packet in context.encode(None)]
+
+
+def _avi_with_b_frames(path: Path, kind: str, frames: int = 12) -> Path:
+    """An AVI of ``frames`` frames with B-frames: "packed" as DivX 5 and XviD write them (MPEG-4 part 2, each
+    P-frame and the B-frame after it in one chunk, an empty N-VOP in the next), "unpacked" MPEG-4, or H.264."""
+    packets = _b_frame_packets("libx264" if kind == "H.264" else "mpeg4", frames)
+    if kind == "packed":
+        vop = b"\x00\x00\x01\xb6"
+        bidirectional = [packet[packet.index(vop) + 4] >> 6 == 2 for packet in packets]
+        start = packets[0].index(vop)  # DivX's user data, whose "p" says the bitstream is packed
+        packets[0] = packets[0][:start] + b"\x00\x00\x01\xb2DivX503b1393p" + packets[0][start:]
+        chunks, index = [], 0
+        while index < len(packets):
+            if index + 1 < len(packets) and bidirectional[index + 1]:
+                chunks += [packets[index] + packets[index + 1], vop + bytes([0b01011000, 0b00000111])]  # N-VOP
+                index += 2
+            else:
+                chunks.append(packets[index])
+                index += 1
+        packets = chunks
+    with av.open(str(path), "w", format="avi") as container:
+        stream = container.add_stream("libx264" if kind == "H.264" else "mpeg4", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index, data in enumerate(packets):
+            packet = av.Packet(data)
+            packet.stream, packet.time_base, packet.pts, packet.dts = stream, Fraction(1, 25), index, index
+            container.mux(packet)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["packed", "H.264"])
+def test_avi_whose_b_frames_decode_out_of_time_order_refused(kind, sr_model, tmp_path, invoke):
+    """AVI keeps no presentation times: frames of a stream with B-frames decode in display order with the times of
+    their packets in stored order. The audit found the encoder failing midway, in a line naming a temporary file."""
+    clip = _avi_with_b_frames(tmp_path / "old.avi", kind)
+    refused(invoke("upscale", clip, "--model", sr_model, "-o", tmp_path / "out"), "old.avi",
+            "an AVI with B-frames: frame ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_avi_with_unpacked_b_frames_keeps_its_frames_in_order(sr_model, tmp_path, invoke):
+    """Unpacked MPEG-4 B-frames in an AVI decode in order with their times (FFmpeg's parser orders them): not
+    refused, and every frame is upscaled, in order."""
+    clip = _avi_with_b_frames(tmp_path / "new.avi", "unpacked")
+    code, _, err = invoke("upscale", clip, "--model", sr_model, "-o", tmp_path / "out")
+    assert code == 0, err
+    with av.open(str(tmp_path / "out" / "new.avi")) as container:
+        shades = [frame.to_ndarray(format="rgb24").mean() for frame in container.decode(video=0)]
+    assert len(shades) == 12 and np.all(np.diff(shades) > 0)  # brighter frame by frame: none lost or out of place
 
 
 # --------------------------------------------------------------------------- images

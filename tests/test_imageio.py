@@ -90,3 +90,16 @@ assert Image.MAX_IMAGE_PIXELS == limit
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("text", ["5_0", "\u0665\u0660", " 50", "1e3", "nan", "inf", "0", "-5"])
+def test_limits_read_from_python_take_plain_positive_numbers_only(text, monkeypatch):
+    """What the command line refuses in these variables, the library refuses too (``float`` takes 5_0)."""
+    from dipnet_deploy.imageio import max_memory_bytes, max_pixels
+
+    for variable, read in (("DIPNET_MAX_MEGAPIXELS", max_pixels), ("DIPNET_MAX_MEMORY_MB", max_memory_bytes)):
+        monkeypatch.setenv(variable, text)
+        with pytest.raises(InputError, match=variable):
+            read()
+        monkeypatch.setenv(variable, "2.5")
+        assert read() == (2_500_000 if variable == "DIPNET_MAX_MEGAPIXELS" else int(2.5 * 2**20))

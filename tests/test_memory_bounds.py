@@ -26,6 +26,7 @@ from PIL import Image
 
 from dipnet_deploy import error_maps, imageio, matlab_resize, metrics
 from dipnet_deploy.compare import REPORT_BYTES, REPORT_BYTES_PER_PIXEL, compare_bytes
+from dipnet_deploy.errors import InputError
 from dipnet_deploy.imageio import PngWriter, decode_bytes, read_header, read_rgb8, to_uint8_rgb
 from dipnet_deploy.sr_protocol import make_pair, to_input
 from dipnet_deploy.tiling import TiledRunner
@@ -659,3 +660,321 @@ def test_upscale_of_a_4_megapixel_image_costs_a_few_bytes_per_pixel(tmp_path):
     assert added / pixels < 10, added / pixels
     print(f"added {added / pixels:.2f} B/px, estimate {estimate / pixels:.2f} B/px")  # measured 6.25 and 6.85
     assert cv2.imread(str(tmp_path / "b" / "large.png")).shape == (3200, 4800, 3)
+
+
+# --------------------------------------------------------------------------- a JPEG's coefficient buffer
+
+
+def _gradient(height: int, width: int) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([(x // 3) % 256, (y // 2) % 256, ((x + y) // 5) % 256], axis=2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("subsampling, progressive, per_pixel", [(0, True, 6), (2, True, 3), (0, False, 0),
+                                                                 ("gray", True, 2)])
+def test_a_progressive_jpeg_counts_its_coefficient_buffer(tmp_path, subsampling, progressive, per_pixel):
+    """Two bytes per coefficient of every component, read from the markers (4:4:4: 6 bytes a pixel, 4:2:0: 3,
+    gray: 2); a baseline JPEG has none. The buffer is beside the decoded image while libjpeg decodes."""
+    image = Image.fromarray(_gradient(480, 640))
+    path = tmp_path / "photo.jpg"
+    if subsampling == "gray":
+        image.convert("L").save(path, quality=90, progressive=progressive)
+    else:
+        image.save(path, quality=90, progressive=progressive, subsampling=subsampling)
+    header = read_header(path)
+    assert header.coefficient_bytes == per_pixel * 640 * 480
+    decoded = header.pixels * header.channels
+    assert decode_bytes(header) >= header.file_bytes + header.coefficient_bytes + decoded
+
+
+def _jpeg_markers(frame: int, components: int, in_first_scan: int) -> bytes:
+    """SOI, an APP0 segment, a frame header (marker ``frame``) of ``components`` 4:4:4 components, 64x48, and a
+    scan header naming ``in_first_scan`` of them."""
+    def segment(marker: int, data: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", 2 + len(data)) + data
+
+    sof = struct.pack(">BHHB", 8, 48, 64, components) + b"".join(bytes([i + 1, 0x11, 0]) for i in range(components))
+    sos = bytes([in_first_scan]) + b"".join(bytes([i + 1, 0]) for i in range(in_first_scan)) + bytes([0, 63, 0])
+    return b"\xff\xd8" + segment(0xE0, b"JFIF\x00") + segment(frame, sof) + segment(0xDA, sos)
+
+
+@pytest.mark.parametrize("frame, in_first_scan, counted", [(0xC0, 3, False), (0xC0, 1, True), (0xC2, 3, True)])
+def test_a_sequential_jpeg_with_a_scan_per_component_counts_the_buffer_too(tmp_path, frame, in_first_scan, counted):
+    """libjpeg buffers the whole image whenever it comes in several scans: progressive, or sequential with fewer
+    components in the first scan than in the frame (a case Pillow's header does not tell)."""
+    from dipnet_deploy.jpeg_scans import coefficient_bytes
+
+    path = tmp_path / "scans.jpg"
+    path.write_bytes(_jpeg_markers(frame, 3, in_first_scan) + b"\x00" * 16 + b"\xff\xd9")
+    assert coefficient_bytes(path) == (3 * 2 * 64 * 48 if counted else 0)
+
+
+def test_decoding_a_progressive_jpeg_stays_within_its_estimate(tmp_path):
+    """Measured in a child process (its peak reset just before the decode): a 4:4:4 progressive JPEG takes
+    more than the file and the decoded image twice (what the estimate counted before), and no more than
+    ``decode_bytes`` and some MiB of the decoder's fixed tables (they do not grow with the image)."""
+    path, small = tmp_path / "progressive.jpg", tmp_path / "small.jpg"
+    Image.fromarray(_gradient(2000, 3000)).save(path, quality=90, progressive=True, subsampling=0)
+    Image.fromarray(_gradient(64, 64)).save(small, quality=90, progressive=True, subsampling=0)
+    script = f"""
+import sys
+from pathlib import Path
+from dipnet_deploy.imageio import read_rgb8
+def status(key):
+    with open("/proc/self/status") as lines:
+        return 1024 * int(next(line.split()[1] for line in lines if line.startswith(key)))
+read_rgb8(Path({str(small)!r}))  # every library loaded, the JPEG reader's included
+before = status("VmRSS:")
+try:
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak back to what is resident now
+except OSError:
+    sys.exit(3)
+read_rgb8(Path({str(path)!r}))
+print(status("VmHWM:") - before)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    if done.returncode == 3:
+        pytest.skip("the peak resident memory cannot be reset here (/proc/self/clear_refs)")
+    assert done.returncode == 0, done.stderr
+    added = int(done.stdout)
+    header = read_header(path)
+    fixed = 2 << 20
+    assert header.file_bytes + 2 * 3 * header.pixels < added <= decode_bytes(header) + fixed, (added, header)
+
+
+# --------------------------------------------------------------------------- every decode is checked
+
+
+def test_an_image_read_without_a_check_of_its_own_is_refused_before_decoding(tmp_path, monkeypatch, decodes):
+    """What reads images with no estimate of its own (quantize's calibration, package weights) still refuses,
+    before decoding, an image whose decoding is over the budget: one line naming it; in a folder it is skipped
+    with a warning, as compare skips one."""
+    from dipnet_deploy.quantize import select_images
+
+    monkeypatch.setenv("DIPNET_MAX_MEGAPIXELS", "1000")
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    bomb = png_header_only(folder / "bomb.png", 20000, 15000)
+    cv2.imwrite(str(folder / "a.png"), smooth(64, 80, 1))
+    with pytest.raises(InputError, match="bomb.png: 20000x15000 .* MiB of memory to decode it, over the "):
+        read_rgb8(bomb)
+    assert decodes == []
+    warnings = []
+    usable, skipped = select_images(folder, None, warnings.append)
+    assert [path.name for path in usable] == ["a.png"] and len(decodes) == 1
+    assert len(skipped) == 1 and "DIPNET_MAX_MEMORY_MB" in skipped[0] and "bomb.png" in skipped[0]
+
+
+# --------------------------------------------------------------------------- videos: refused from the stream header
+
+
+def _black_clip(path: Path, width: int, height: int, frames: int) -> Path:
+    """A black H.264 clip of ``width`` x ``height`` frames made cheaply (no look-ahead): a few KB whatever the size."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast", "rc-lookahead": "0", "bframes": "0"}
+        for index in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((height, width, 3), np.uint8), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return path
+
+
+@pytest.fixture
+def frames_decoded(monkeypatch) -> list:
+    """Every packet the upscale of a video decodes (its frames' sizes), the AVI order check's and transcode's."""
+    from dipnet_deploy import video
+
+    calls = []
+    real = video._decode
+
+    def recorded(source, packet, frames):
+        decoded = real(source, packet, frames)
+        calls.extend((frame.width, frame.height) for frame in decoded)
+        return decoded
+
+    monkeypatch.setattr(video, "_decode", recorded)
+    return calls
+
+
+def test_a_video_bomb_is_refused_before_a_frame_is_decoded(model16x24, tmp_path, invoke, frames_decoded):
+    """A 2000x2000 black clip of some KB, well within the megapixel limit: its frames x2 in the encoder's
+    look-ahead would take more than the default budget. One line naming the file, its frame size, the codec and
+    the variable to raise; exit 2; nothing written; no frame decoded."""
+    bomb = _black_clip(tmp_path / "bomb.mp4", 2000, 2000, 2)
+    assert bomb.stat().st_size < 20_000
+    code, _, err = invoke("upscale", bomb, "--model", model16x24, "-o", tmp_path / "out")
+    lines = one_line(err)
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    for words in ("bomb.mp4", "2000x2000 frames", "upscale them x2 and encode them with libx264",
+                  "DIPNET_MAX_MEMORY_MB"):
+        assert words in lines[0], (words, lines[0])
+    assert frames_decoded == [] and not (tmp_path / "out").exists()
+
+
+def test_a_video_is_let_through_by_the_budget_its_refusal_names(model16x24, tmp_path, invoke, monkeypatch,
+                                                                  frames_decoded):
+    from dipnet_deploy.video import video_bytes, write_clip
+
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, [smooth(120, 160, seed) for seed in range(2)], 10)
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", "1")
+    code, _, err = invoke("upscale", clip, "--model", model16x24, "-o", tmp_path / "out")
+    lines = one_line(err)
+    assert code == 2 and len(lines) == 1 and "clip.mp4: 160x120 frames" in lines[0] and frames_decoded == [], err
+    need_mib = int(lines[0].split("DIPNET_MAX_MEMORY_MB to ")[1].split()[0])
+    assert need_mib == math.ceil(video_bytes(160, 120, "yuv420p", 2, "libx264") / 2**20) > 1
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", str(need_mib))
+    code, _, err = invoke("upscale", clip, "--model", model16x24, "-o", tmp_path / "out")
+    assert code == 0 and frames_decoded, err
+
+
+def test_the_video_estimate_grows_with_the_encoders_look_ahead_and_the_frame_format():
+    from dipnet_deploy.video import frame_bytes, video_bytes
+
+    assert frame_bytes("yuv420p") == 1.5 and frame_bytes("yuv444p16le") == 6 and frame_bytes(None) == 8
+    x264 = video_bytes(960, 540, "yuv420p", 2, "libx264")
+    assert 60 * 4 * 960 * 540 < x264 < video_bytes(960, 540, "yuv444p16le", 2, "libx264")
+    # x264 with our short look-ahead keeps the fewest frames; an encoder we have not measured counts the most
+    assert x264 < video_bytes(960, 540, "yuv420p", 2, "libvpx-vp9") < video_bytes(960, 540, "yuv420p", 2, "mpeg4")
+    assert video_bytes(960, 540, "yuv420p", 4, "libx264") > 3.4 * x264  # the output, most of it, is 4 times larger
+
+
+# --------------------------------------------------------------------------- compare --diagnose: one image at a time
+
+
+def qdq_x2(path: Path, height: int, width: int) -> Path:
+    """``conv_x2``'s model with Q/DQ pairs on its input and its Conv's output: an int8 model with two
+    activation pairs to diagnose."""
+    model = onnx.load(str(conv_x2(path.with_suffix(".fp32.onnx"), height, width)))
+    inits = list(model.graph.initializer)
+
+    def pair(name: str, scale: float, zero_point: int) -> list:
+        inits.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{name}_s"),
+                      numpy_helper.from_array(np.array(zero_point, np.uint8), f"{name}_zp")])
+        return [helper.make_node("QuantizeLinear", [name, f"{name}_s", f"{name}_zp"], [f"{name}_q"]),
+                helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_s", f"{name}_zp"], [f"{name}_dq"])]
+
+    nodes = pair("input", 1 / 255, 0) + [helper.make_node("Conv", ["input_dq", "w"], ["pre"], pads=[1, 1, 1, 1])]
+    nodes += pair("pre", 2 / 255, 64) + [helper.make_node("DepthToSpace", ["pre_dq"], ["output"], blocksize=2)]
+    graph = helper.make_graph(nodes, "qdq_x2", list(model.graph.input), list(model.graph.output), inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_diagnose_holds_one_image_at_a_time(tmp_path, monkeypatch):
+    """Every pass of the diagnosis reads the images again, one at a time (none is alive when the next is read,
+    but the one just used): many images take no more memory than one. Each is read with the comparison's
+    memory check."""
+    import gc
+    import weakref
+
+    from dipnet_deploy import diagnose as diagnose_module
+    from dipnet_deploy.compare import CompareOptions, compare
+
+    fp32, int8 = conv_x2(tmp_path / "m.onnx", 32, 48), qdq_x2(tmp_path / "m.int8.onnx", 32, 48)
+    data = tmp_path / "hr"
+    data.mkdir()
+    for index in range(4):
+        cv2.imwrite(str(data / f"{index}.png"), smooth(70, 90, index))
+    alive, most, checks = [], [0], []
+    real = diagnose_module.read_rgb8
+
+    def read(path, check=None):
+        gc.collect()
+        most[0] = max(most[0], sum(ref() is not None for ref in alive))
+        checks.append(check)
+        rgb, notes = real(path, check)
+        alive.append(weakref.ref(rgb))
+        return rgb, notes
+
+    monkeypatch.setattr(diagnose_module, "read_rgb8", read)
+    result = compare(fp32, int8, data, CompareOptions(diagnose=True, latency_repeats=1), warn=lambda _: None)
+    assert len(result.diagnosis) == 2 and len(alive) >= 4 * 3  # the SQNR pass and one per pair
+    assert most[0] <= 1 and all(check is not None for check in checks)
+
+
+@pytest.mark.parametrize("height, width", [(20, 30), (40, 60), (20, 60), (40, 30), (9, 13), (33, 47)])
+def test_the_first_tile_of_the_corner_is_the_first_tile_of_the_whole_image(model16x24, height, width):
+    """``first_tile`` converts only the LR's tile-sized corner: the same input as tiling the whole image."""
+    from dipnet_deploy.diagnose import first_tile
+
+    runner = TiledRunner(str(model16x24))
+    hr = smooth(2 * height, 2 * width, height)
+    _, lr = make_pair(hr, 2)
+    assert np.array_equal(first_tile(hr, runner, "sr", 2), next(runner.tiles(to_input(lr)))[2])
+
+
+# --------------------------------------------------------------------------- compare --workers N: one budget shared
+
+
+def test_compare_workers_share_the_budget(tmp_path, invoke, monkeypatch):
+    """A budget that lets an image through one process is split between two workers: each refuses it, the
+    warning naming its share and what would allow it (with either more budget or fewer workers)."""
+    fp32 = conv_x2(tmp_path / "m.onnx", 32, 48)
+    data = tmp_path / "hr"
+    data.mkdir()
+    for index in range(2):
+        cv2.imwrite(str(data / f"{index}.png"), smooth(96, 128, index))
+    runner = TiledRunner(str(fp32))
+    need_mib = compare_bytes(read_header(data / "0.png"), {"fp32": runner}, "sr", 2) / 2**20
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", str(math.ceil(need_mib * 1.5)))
+    args = ["compare", tmp_path / "report", "--fp32", fp32, "--data", data, "--repeats", "1"]
+    code, _, err = invoke(*args, "--workers", "2")
+    skipped = [line for line in one_line(err) if line.startswith("warning: skipped")]
+    assert code == 2 and len(skipped) == 2 and "Traceback" not in err, err
+    assert "share each of the 2 workers" in skipped[0] and "or run fewer workers" in skipped[0], skipped[0]
+    assert not (tmp_path / "report").exists()
+    code, _, err = invoke(*args, "--workers", "1")
+    assert code == 0, err
+
+
+# --------------------------------------------------------------------------- train and finetune images
+
+
+def test_a_validation_image_whose_forward_is_over_the_budget_is_skipped_before_decoding(tmp_path, invoke,
+                                                                                         monkeypatch, decodes):
+    """train --val runs each validation image whole through the model: a 1200x1200 one (a 2 MB PNG) would take
+    hundreds of MiB doing so. Under a 150 MiB budget the training image passes and it is skipped, undecoded,
+    with one warning; with no other validation image the run ends in one line, nothing written."""
+    for folder, name, side in (("train", "a.png", 96), ("val", "big.png", 1200)):
+        (tmp_path / folder).mkdir()
+        cv2.imwrite(str(tmp_path / folder / name), smooth(side, side, side))
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", "150")
+    code, _, err = invoke("train", "--data", tmp_path / "train", "--val", tmp_path / "val", "--iters", "1",
+                          "--patch", "32", "--batch", "1", "--out", tmp_path / "w.pth")
+    lines = one_line(err)
+    assert code == 2 and len(lines) == 2 and "Traceback" not in err, err
+    assert lines[0].startswith("warning: skipped") and "big.png: 1200x1200" in lines[0], lines[0]
+    assert "validate x2 on it" in lines[0] and "DIPNET_MAX_MEMORY_MB" in lines[0], lines[0]
+    assert len(decodes) == 1 and not (tmp_path / "w.pth").exists()
+
+
+def test_finetune_counts_a_whole_image_forward_of_each_training_image(tmp_path, monkeypatch):
+    """A training image of finetune (measured whole through the model) costs what a validation image does, and
+    an image over the budget is skipped with a warning before it is decoded; train's images cost their decoding
+    and pair only."""
+    from dipnet_deploy.config import PRESETS
+    from dipnet_deploy.train import PairedPatches
+    from dipnet_deploy.training_memory import TrainingMemory
+
+    config = PRESETS["x2"]
+    header = read_header(png_header_only(tmp_path / "h.png", 6000, 5000))
+    train, finetune = TrainingMemory(config), TrainingMemory(config, finetune=True)
+    assert train.peak_bytes(header, "training") < 40 * header.pixels < finetune.peak_bytes(header, "training")
+    assert finetune.peak_bytes(header, "training") > train.peak_bytes(header, "validation") > 150 * header.pixels
+    folder = tmp_path / "data"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), smooth(96, 96, 1))
+    cv2.imwrite(str(folder / "b.png"), smooth(1200, 1200, 2))
+    monkeypatch.setenv("DIPNET_MAX_MEMORY_MB", "150")
+    warnings = []
+    patches = PairedPatches(folder, 2, 32, warnings.append, finetune)
+    assert len(patches.pairs) == 1 and patches.pairs[0][0].shape == (96, 96, 3)
+    assert len(warnings) == 1 and "b.png: 1200x1200" in warnings[0] and "train x2 on it" in warnings[0]
+    assert len(PairedPatches(folder, 2, 32, warnings.append, train).pairs) == 2

@@ -18,6 +18,7 @@ from dipnet_deploy.ptq import AutoOptions
 from dipnet_deploy.qat import onnx_point_names
 from dipnet_deploy.qdq_graph import dequantize_early
 from dipnet_deploy.quantize import QuantizeOptions, quantize
+from dipnet_deploy.runtime import ort_options
 
 from .conftest import CALIBRATION
 
@@ -44,7 +45,7 @@ def routes(tmp_path_factory):
 
 def output_psnr(fp32, int8, inputs) -> float:
     """PSNR (dB) of the int8 model's 8-bit output against the fp32 model's, over held-out inputs."""
-    runs = [ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]) for path in (fp32, int8)]
+    runs = [ort.InferenceSession(str(path), ort_options(), providers=["CPUExecutionProvider"]) for path in (fp32, int8)]
     levels = lambda a: np.round(np.clip(a * 255.0, 0, 255))  # noqa: E731
     errors = [np.mean((levels(runs[0].run(None, {"input": x})[0]) - levels(runs[1].run(None, {"input": x})[0])) ** 2)
               for x in inputs]

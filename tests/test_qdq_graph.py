@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from dipnet_deploy.diagnose import activation_pairs
 from dipnet_deploy.qdq_graph import FAST_PATH, depth_to_space_on_uint8, dequantize_early, pad_for_fast_path
+from dipnet_deploy.qdq_pairs import activation_pairs
+from dipnet_deploy.runtime import ort_options
 
 SIDE = 12
 
@@ -66,7 +67,8 @@ def int8_model(tmp_path_factory):
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    return ort.InferenceSession(model.SerializeToString(), ort_options(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
 
 
 def copy_of(model: onnx.ModelProto) -> onnx.ModelProto:
