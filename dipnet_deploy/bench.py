@@ -28,6 +28,8 @@ from dipnet_deploy.runtime import (
     FULL_HD_PIXELS,
     check_parallelism,
     check_runtime,
+    cpu_name,
+    int8_sums_saturate,
     open_session,
     reusing_output,
     time_interleaved,
@@ -104,4 +106,4 @@ def bench(fp32_path: Path, int8_path: Path, options: BenchOptions = BenchOptions
     return {"runtime": first, **{k: results[first][k] for k in ("fp32_s", "int8_s", "speedup")},
             "reference": f"{first} fp32", "input_shape": shape, "repeats": options.repeats,
             "threads": options.threads or os.cpu_count(), "streams": streams, "cores": os.cpu_count(),
-            "runtimes": results}
+            "cpu": cpu_name(), "int8_exact_slow_path": int8_sums_saturate(), "runtimes": results}

@@ -763,5 +763,8 @@ def bench(fp32_path, int8_path, runtimes, repeats, threads, streams, as_json):
                    f"{entry['int8_vs_reference_fp32']:>23.3f}x {fps[0]} {fps[1]}")
     click.echo(f"(1080p-equivalent frames, {summary['input_shape'][2]}x{summary['input_shape'][3]} model input, "
                f"median of {repeats}, {summary['threads']} threads; throughput with {summary['streams']} stream(s))")
+    if summary["int8_exact_slow_path"]:
+        click.echo(f"{summary['cpu']} has no VNNI: onnxruntime sums int8 on its exact, slower path here (README: "
+                   "Runtimes)")
     if as_json:
         emit_json(summary)

@@ -12,7 +12,7 @@ from dipnet_deploy.checkpoint import load_checkpoint
 from dipnet_deploy.compare import CompareOptions, compare, means
 from dipnet_deploy.errors import InputError
 from dipnet_deploy.export import ExportOptions, export
-from dipnet_deploy.runtime import open_session, reusing_output
+from dipnet_deploy.runtime import cpu_name, int8_sums_saturate, open_session, reusing_output
 
 from .conftest import exact_openvino_int8
 
@@ -34,6 +34,9 @@ def test_bench_json_keys_and_arithmetic(pair, invoke):
     entry = summary["runtimes"]["onnxruntime"]
     assert entry["int8_vs_reference_fp32"] == pytest.approx(summary["int8_s"] / summary["fp32_s"], abs=1e-4)
     assert entry["fp32_fps"] > 0 and entry["int8_fps"] > 0
+    # the CPU is named beside its figures, and whether its int8 sums take onnxruntime's exact slow path
+    assert summary["cpu"] == cpu_name() and summary["int8_exact_slow_path"] is int8_sums_saturate()
+    assert ("has no VNNI" in out) is int8_sums_saturate()
     code, out, _ = invoke("bench", "--fp32", fp32, "--int8", int8, "--repeats", "1", "--streams", "0", "--json")
     assert code == 0 and "int8_fps" not in json.loads(out.strip().splitlines()[-1])["runtimes"]["onnxruntime"]
 
@@ -141,3 +144,15 @@ def test_openvino_refuses_an_int8_model_it_would_compute_wrong(tmp_path, invoke,
     onnx.save(model, str(tmp_path / "seven_bit.onnx"))
     x = np.ones((1, 16, 4, 4), np.float32)
     assert open_session(tmp_path / "seven_bit.onnx", "openvino").run(x) == pytest.approx(16 * 64 * 0.01, abs=0.05)
+
+
+@pytest.mark.parametrize("flags, saturate", [("fpu sse4_2 avx avx2", True), ("avx2 avx512f avx512_vnni", False),
+                                             ("avx2 avx_vnni", False), ("avx2 amx_int8", False)])
+def test_cpus_whose_int8_sums_saturate_are_told_by_their_flags(flags, saturate, monkeypatch):
+    from dipnet_deploy import runtime
+
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(runtime.Path, "read_text", lambda self: f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert runtime.int8_sums_saturate() is saturate
+    monkeypatch.setattr(runtime.platform, "machine", lambda: "aarch64")  # no vpmaddubsw there
+    assert runtime.int8_sums_saturate() is False
