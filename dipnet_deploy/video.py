@@ -206,7 +206,9 @@ def transcode(source: Path, target: Path, suffix: str, convert: Callable[[np.nda
                 encoder.pix_fmt = "yuv420p"
                 encoder.codec_context.time_base = video.time_base
                 encoder.options = {"crf": str(crf), **({"b:v": "0"} if codec == WEBM_CODEC else {}),
-                                   **(X264_OPTIONS if codec == DEFAULT_CODEC else {})}
+                                   **(X264_OPTIONS if codec == DEFAULT_CODEC else {}),
+                                   # AVI keeps no presentation times: B-frames would come back out of order
+                                   **({"bf": "0"} if CONTAINERS[suffix.lower()] == "avi" else {})}
                 for key, value in tags.items():  # tag the output as the input is tagged
                     setattr(encoder.codec_context, key, value)
                 encoder.set_display_matrix(matrix)
