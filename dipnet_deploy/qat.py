@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from dipnet_deploy.archs.dipnet_arch import LEAKY_SLOPE, DIPNet
-from dipnet_deploy.runtime import ort_options
+from dipnet_deploy.runtime import open_session
 
 ACTIVATION_LEVELS = 255  # uint8
 WEIGHT_QMAX = 127  # int8 symmetric: [-127, 127]
@@ -402,10 +402,8 @@ def simulation_agreement(fp32: onnx.ModelProto, int8_path: Path, learned: dict[s
     to 8-bit levels (clip, round) as every user of the model does. Returns the largest difference
     in levels, the share of differing values and the PSNR between the two (None when equal).
     """
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(int8_path), ort_options(), providers=["CPUExecutionProvider"])
-    int8 = session.run(None, {session.get_inputs()[0].name: image})[0]
+    session = open_session(int8_path)
+    int8 = session.run(image)
     del session
     with torch.no_grad():
         simulated = QuantSimDIPNet(model_from_onnx(fp32), learned)(torch.from_numpy(image)).numpy()

@@ -255,23 +255,22 @@ def int8_sums_saturate() -> bool:
     multiply uint8 by int8 with ``vpmaddubsw``, which adds each pair of products into a saturating int16."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), None)
-    return flags is not None and not VNNI_FLAGS & set(flags)
+    flags = _cpuinfo("flags")
+    return flags is not None and not VNNI_FLAGS & set(flags.split())
 
 
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), for the figures measured on it."""
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The value of the first ``key`` line of /proc/cpuinfo (its first CPU's), or None where there is none."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key), None)
 
 
 def check_output_buffer(out: np.ndarray, shape: tuple[int, ...]) -> None:
